@@ -1,0 +1,204 @@
+"""RWKV-7 x070 inference model: one forward for prefill and decode, fp32 state and norms, matmuls in the strategy dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.state import RNNState
+from engine.strategy import Strategy, parse_strategy, prepare_device
+from engine.weights import load_weights
+
+LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCALE * sigmoid(z), in [-0.607, 0)
+LN_EPS = 1e-5
+GROUP_NORM_EPS = 64e-5                  # head_size * 1e-5 in every released model (RWKV-LM "notice eps value")
+SEQUENCE_BACKENDS = ("chunked", "reference")  # kernels usable for T > 1; decode always uses the in-place step
+
+
+@dataclass
+class LayerWeights:
+    """One block's tensors, prepared once: vectors fp32, matrices in the matmul dtype laid out as [in, out]."""
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    att_mix: torch.Tensor                 # [6, 1, 1, C] fp32: x_r, x_w, x_k, x_v, x_a, x_g
+    w_rkv: torch.Tensor                   # [3, C, A] receptance, key, value
+    w_out: torch.Tensor                   # [A, C]
+    w0: torch.Tensor                      # [A] fp32
+    w1: torch.Tensor                      # [C, Dw]
+    w2: torch.Tensor                      # [Dw, A]
+    a0: torch.Tensor
+    a1: torch.Tensor
+    a2: torch.Tensor
+    v0: torch.Tensor | None               # value residual, None at layer 0
+    v1: torch.Tensor | None
+    v2: torch.Tensor | None
+    g1: torch.Tensor
+    g2: torch.Tensor
+    k_k: torch.Tensor                     # [A] fp32
+    k_a: torch.Tensor                     # [A] fp32
+    r_k: torch.Tensor                     # [H, N] fp32
+    ln_x: tuple[torch.Tensor, torch.Tensor]
+    ffn_mix: torch.Tensor                 # [C] fp32
+    ffn_key: torch.Tensor                 # [C, F]
+    ffn_value: torch.Tensor               # [F, C]
+
+
+class RWKV7:
+    """An RWKV-7 model ready for inference. Build it with ``load_model``."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], config: ModelConfig, strategy: Strategy,
+                 *, wkv_backend: str = "chunked", name: str = "rwkv7"):
+        self.config = config
+        self.strategy = strategy
+        self.name = name
+        self.device, self.dtype = strategy.device, strategy.dtype
+        self._wkv_seq = kernels.get_wkv7(wkv_backend)
+        self._wkv_step_ = kernels.get_wkv7("step_") if wkv_backend != "reference" else None
+        self.wkv_backend = wkv_backend
+        f32 = lambda key: sd[key].to(device=self.device, dtype=torch.float32).contiguous()  # noqa: E731
+        mat = lambda key: sd[key].to(device=self.device, dtype=self.dtype).contiguous()     # noqa: E731
+        matT = lambda key: sd[key].to(device=self.device, dtype=self.dtype).t().contiguous()  # noqa: E731
+        C = config.n_embd
+        emb = F.layer_norm(f32("emb.weight"), (C,), f32("blocks.0.ln0.weight"), f32("blocks.0.ln0.bias"), LN_EPS)
+        self.emb = emb.to(self.dtype)                       # [V, C], ln0 folded in
+        self.ln_out = (f32("ln_out.weight"), f32("ln_out.bias"))
+        self.head = matT("head.weight")                     # [C, V]
+        self.layers = [self._prepare_layer(i, f32, mat, matT) for i in range(config.n_layer)]
+
+    @staticmethod
+    def _prepare_layer(i, f32, mat, matT) -> LayerWeights:
+        p = f"blocks.{i}."
+        vec = lambda key: f32(p + key).reshape(-1)  # noqa: E731
+        att_mix = torch.stack([vec(f"att.x_{c}") for c in "rwkvag"]).view(6, 1, 1, -1)
+        has_v = i > 0
+        return LayerWeights(
+            ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")),
+            att_mix=att_mix,
+            w_rkv=torch.stack([matT(p + f"att.{n}.weight") for n in ("receptance", "key", "value")]),
+            w_out=matT(p + "att.output.weight"),
+            w0=vec("att.w0"), w1=mat(p + "att.w1"), w2=mat(p + "att.w2"),
+            a0=vec("att.a0"), a1=mat(p + "att.a1"), a2=mat(p + "att.a2"),
+            v0=vec("att.v0") if has_v else None, v1=mat(p + "att.v1") if has_v else None,
+            v2=mat(p + "att.v2") if has_v else None,
+            g1=mat(p + "att.g1"), g2=mat(p + "att.g2"),
+            k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=f32(p + "att.r_k"),
+            ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
+            ffn_mix=vec("ffn.x_k"), ffn_key=matT(p + "ffn.key.weight"), ffn_value=matT(p + "ffn.value.weight"),
+        )
+
+    # ------------------------------------------------------------------------------------------ public API
+    def zero_state(self, batch_size: int = 1) -> RNNState:
+        return RNNState.zeros(self.config, batch_size, self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, state: RNNState | None = None, full_output: bool = False):
+        """Advance ``state`` by the T tokens of each row and return (logits, state).
+
+        tokens: LongTensor [B, T] (T >= 1). The state is updated in place and returned; clone() it first to
+        keep a snapshot. logits: float32 [B, T, V] with full_output, else [B, V] for the last position.
+        """
+        tokens = self._check_tokens(tokens)
+        B, T = tokens.shape
+        if state is None:
+            state = self.zero_state(B)
+        elif state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} sequences but tokens has {B} rows")
+        x = self.emb[tokens].float()                        # [B, T, C] fp32 residual stream
+        v_first = None
+        for i, lw in enumerate(self.layers):
+            h = F.layer_norm(x, (self.config.n_embd,), lw.ln1[0], lw.ln1[1], LN_EPS)
+            dx, v_first = self._time_mix(i, lw, h, state, v_first)
+            x = x + dx
+            h = F.layer_norm(x, (self.config.n_embd,), lw.ln2[0], lw.ln2[1], LN_EPS)
+            x = x + self._channel_mix(i, lw, h, state)
+        if not full_output:
+            x = x[:, -1]
+        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out[0], self.ln_out[1], LN_EPS)
+        return (x.to(self.dtype) @ self.head).float(), state
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------------------------------ blocks
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be a LongTensor [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
+        if tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return tokens.to(self.device, torch.long)
+
+    def _shift(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        # token shift: the previous token's normalized input, from the state for the first position
+        if h.shape[1] == 1:
+            return prev.unsqueeze(1)
+        return torch.cat((prev.unsqueeze(1), h[:, :-1]), dim=1)
+
+    def _time_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState, v_first):
+        B, T, C = h.shape
+        H, N = self.config.n_head, self.config.head_size
+        dt = self.dtype
+        d = self._shift(h, state.att_x[:, i]) - h
+        state.att_x[:, i] = h[:, -1]
+        xr, xw, xk, xv, xa, xg = torch.addcmul(h, d, lw.att_mix).to(dt).unbind(0)       # 6 x [B, T, C]
+        rkv = torch.bmm(torch.stack((xr, xk, xv)).view(3, B * T, C), lw.w_rkv).float()  # [3, B*T, A]
+        r, k, v = (t.view(B, T, -1) for t in rkv.unbind(0))
+        log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + (torch.tanh(xw @ lw.w1) @ lw.w2).float())
+        alpha = torch.sigmoid(lw.a0 + ((xa @ lw.a1) @ lw.a2).float())
+        g = (torch.sigmoid(xg @ lw.g1) @ lw.g2).float()
+        kk = F.normalize((k * lw.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (alpha - 1) * lw.k_a)
+        if i == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(lw.v0 + ((xv @ lw.v1) @ lw.v2).float())
+        y = self._wkv(i, r, log_w, k, v, -kk, kk * alpha.view(B, T, H, N), state)    # [B, T, H, N] fp32
+        y = F.group_norm(y.reshape(B * T, H * N), H, lw.ln_x[0], lw.ln_x[1], GROUP_NORM_EPS).view(B, T, H, N)
+        bonus = ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
+        out = ((y + bonus).view(B, T, -1) * g).to(dt) @ lw.w_out
+        return out.float(), v_first
+
+    def _wkv(self, i, r, log_w, k, v, a, b, state: RNNState) -> torch.Tensor:
+        B, T, _ = r.shape
+        H, N = self.config.n_head, self.config.head_size
+        shape = (B, T, H, N)
+        r, log_w, k, v = (t.view(shape) for t in (r, log_w, k, v))
+        S = state.wkv[:, i]                                                   # [B, H, N, N] fp32 view
+        if T == 1 and self._wkv_step_ is not None:
+            return self._wkv_step_(r, log_w, k, v, a, b, S)
+        y, new_S = self._wkv_seq(r, log_w, k, v, a, b, S)
+        S.copy_(new_S)
+        return y
+
+    def _channel_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState) -> torch.Tensor:
+        d = self._shift(h, state.ffn_x[:, i]) - h
+        state.ffn_x[:, i] = h[:, -1]
+        xk = torch.addcmul(h, d, lw.ffn_mix).to(self.dtype)
+        return (torch.relu(xk @ lw.ffn_key).square() @ lw.ffn_value).float()
+
+
+def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str = "chunked") -> RWKV7:
+    """Load an RWKV-7 checkpoint (.pth, .safetensors or a Hugging Face directory) for inference."""
+    try:
+        strat = parse_strategy(strategy)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if wkv_backend not in SEQUENCE_BACKENDS:
+        raise ModelLoadError(f"unknown WKV-7 backend {wkv_backend!r} for the model; "
+                             f"choose one of: {', '.join(SEQUENCE_BACKENDS)}")
+    try:
+        prepare_device(strat)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    sd, config = load_weights(path)
+    return RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem)

@@ -1,0 +1,57 @@
+"""Strategy strings in the form RWKV users know ("cpu fp32", "cuda:1 bf16", ...) parsed into a device and dtype."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+VALID_FORMS = ("cpu fp32", "cpu bf16", "cuda fp16", "cuda bf16", "cuda fp32", "cuda:N <dtype>")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PATTERN = re.compile(r"^\s*(cpu|cuda(?::(\d+))?)\s+(fp32|bf16|fp16)\s*$")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Where the model runs and the dtype of its matmuls; the recurrent state and norms are always fp32."""
+    device: torch.device
+    dtype: torch.dtype
+    text: str
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in _DTYPES.items()}[self.dtype]
+
+
+def parse_strategy(text: str) -> Strategy:
+    """Parse a strategy string; an invalid one raises ValueError listing the valid forms."""
+    if not isinstance(text, str):
+        raise ValueError(f"strategy must be a string such as 'cpu fp32', got {type(text).__name__}")
+    m = _PATTERN.match(text)
+    if m is None:
+        hint = ""
+        if "->" in text or "*" in text or "i8" in text:
+            hint = " (layer-split and int8 strategies of the rwkv package are not supported for RWKV-7)"
+        raise ValueError(f"invalid strategy {text!r}{hint}; valid forms: {', '.join(VALID_FORMS)}")
+    device_text, _, dtype_text = m.groups()
+    if device_text == "cpu" and dtype_text == "fp16":
+        raise ValueError(f"invalid strategy {text!r}: fp16 matmuls on the CPU are slow and lossy; "
+                         f"use 'cpu bf16' or 'cpu fp32'. Valid forms: {', '.join(VALID_FORMS)}")
+    return Strategy(device=torch.device(device_text), dtype=_DTYPES[dtype_text],
+                    text=f"{device_text} {dtype_text}")
+
+
+def prepare_device(strategy: Strategy) -> None:
+    """Check the device exists; on CUDA fp32, turn TF32 off so that fp32 stays exact."""
+    if strategy.device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"strategy {strategy.text!r} asks for CUDA, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use a 'cpu ...' strategy")
+    index = strategy.device.index or 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"strategy {strategy.text!r}: no CUDA device {index} "
+                         f"(found {torch.cuda.device_count()})")
+    if strategy.dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
