@@ -20,6 +20,7 @@ class CheckpointShape:
     value_lora: int = 32
     gate_lora: int = 64
     layer0_value_lora: bool = True      # some released files carry blocks.0.att.v0/v1/v2, some don't
+    logit_scale: float = 1.0            # > 1 gives peaked next-token distributions, like trained models
 
     @property
     def ffn(self) -> int:
@@ -78,7 +79,7 @@ def random_state_dict(shape: CheckpointShape, *, seed: int = 0,
         sd[p + "ffn.key.weight"] = randn(F, C, std=1 / math.sqrt(C))
         sd[p + "ffn.value.weight"] = randn(C, F, std=1 / math.sqrt(F))
     sd.update(ln("ln_out"))
-    sd["head.weight"] = randn(V, C, std=1 / math.sqrt(C))
+    sd["head.weight"] = randn(V, C, std=shape.logit_scale / math.sqrt(C))
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
