@@ -1,0 +1,32 @@
+"""The `goose` command line."""
+import subprocess
+import sys
+
+from server.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_commands():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("info", "train", "bench"):
+        assert command in out.stdout
+
+
+def test_unknown_command_fails():
+    out = run("frobnicate")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_info_describes_a_checkpoint(tiny_pth, capsys):
+    assert main(["info", str(tiny_pth)]) == 0
+    text = capsys.readouterr().out
+    assert "layers 3" in text and "vocab 777" in text and "MiB" in text
+
+
+def test_info_reports_bad_files(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.pth")]) == 1
+    assert "no such file" in capsys.readouterr().err
