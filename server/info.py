@@ -4,19 +4,26 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from engine import ModelLoadError, load_model
+from server.settings import ConfigError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="goose info", description=__doc__)
-    ap.add_argument("model", help="a .pth, .safetensors, or Hugging Face directory")
-    ap.add_argument("--strategy", default="cpu fp32", help="e.g. 'cpu fp32', 'cpu bf16', 'cuda fp16'")
+    ap.add_argument("model", nargs="?", help="a .pth, .safetensors, or Hugging Face directory "
+                    "(default: model.path of the config file)")
+    ap.add_argument("--config", help="config file (default: ./config.yaml when it exists)")
+    ap.add_argument("--strategy", help="e.g. 'cpu fp32', 'cpu bf16', 'cuda fp16' (default: from the config)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        model = load_model(args.model, args.strategy)
-    except ModelLoadError as exc:
+        config = args.config or ("config.yaml" if Path("config.yaml").exists() else None)
+        settings = load_settings(config).model
+        args.model = args.model or settings.path
+        model = load_model(args.model, args.strategy or settings.strategy, wkv_backend=settings.wkv_backend)
+    except (ModelLoadError, ConfigError) as exc:
         print(f"goose info: {exc}", file=sys.stderr)
         return 1
     load_s = time.perf_counter() - t0

@@ -30,3 +30,17 @@ def test_info_describes_a_checkpoint(tiny_pth, capsys):
 def test_info_reports_bad_files(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.pth")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_info_reads_the_config_file(tmp_path, tiny_pth, capsys):
+    cfg = tmp_path / "goose.yaml"
+    cfg.write_text(f"model:\n  path: {tiny_pth}\n  strategy: cpu bf16\n")
+    assert main(["info", "--config", str(cfg)]) == 0
+    assert "strategy  cpu bf16" in capsys.readouterr().out
+
+
+def test_info_reports_config_errors(tmp_path, capsys):
+    cfg = tmp_path / "goose.yaml"
+    cfg.write_text("model:\n  pth: x\n")
+    assert main(["info", "--config", str(cfg)]) == 1
+    assert "unknown key model.pth" in capsys.readouterr().err
