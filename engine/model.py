@@ -25,7 +25,7 @@ class LayerWeights:
     """One block's tensors, prepared once: vectors fp32, matrices in the matmul dtype laid out as [in, out]."""
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
-    att_mix: torch.Tensor                 # [6, 1, 1, C] fp32: x_r, x_w, x_k, x_v, x_a, x_g
+    att_mix: torch.Tensor                 # [6, 1, 1, C] fp32: x_r, x_k, x_v, x_w, x_a, x_g (r, k, v first)
     w_rkv: torch.Tensor                   # [3, C, A] receptance, key, value
     w_out: torch.Tensor                   # [A, C]
     w0: torch.Tensor                      # [A] fp32
@@ -74,7 +74,7 @@ class RWKV7:
     def _prepare_layer(i, f32, mat, matT) -> LayerWeights:
         p = f"blocks.{i}."
         vec = lambda key: f32(p + key).reshape(-1)  # noqa: E731
-        att_mix = torch.stack([vec(f"att.x_{c}") for c in "rwkvag"]).view(6, 1, 1, -1)
+        att_mix = torch.stack([vec(f"att.x_{c}") for c in "rkvwag"]).view(6, 1, 1, -1)
         has_v = i > 0
         return LayerWeights(
             ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")),
@@ -150,8 +150,9 @@ class RWKV7:
         dt = self.dtype
         d = self._shift(h, state.att_x[:, i]) - h
         state.att_x[:, i] = h[:, -1]
-        xr, xw, xk, xv, xa, xg = torch.addcmul(h, d, lw.att_mix).to(dt).unbind(0)       # 6 x [B, T, C]
-        rkv = torch.bmm(torch.stack((xr, xk, xv)).view(3, B * T, C), lw.w_rkv).float()  # [3, B*T, A]
+        mixed = torch.addcmul(h, d, lw.att_mix).to(dt)                                 # [6, B, T, C]
+        _, _, xv, xw, xa, xg = mixed.unbind(0)
+        rkv = torch.bmm(mixed[:3].view(3, B * T, C), lw.w_rkv).float()                 # [3, B*T, A]
         r, k, v = (t.view(B, T, -1) for t in rkv.unbind(0))
         log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + (torch.tanh(xw @ lw.w1) @ lw.w2).float())
         alpha = torch.sigmoid(lw.a0 + ((xa @ lw.a1) @ lw.a2).float())
@@ -184,7 +185,8 @@ class RWKV7:
         d = self._shift(h, state.ffn_x[:, i]) - h
         state.ffn_x[:, i] = h[:, -1]
         xk = torch.addcmul(h, d, lw.ffn_mix).to(self.dtype)
-        return (torch.relu(xk @ lw.ffn_key).square() @ lw.ffn_value).float()
+        hidden = torch.relu_(xk @ lw.ffn_key).square_()                                # [B, T, F]
+        return (hidden @ lw.ffn_value).float()
 
 
 def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str = "chunked") -> RWKV7:
