@@ -35,3 +35,40 @@ class ModelConfig:
     def state_bytes(self) -> int:
         """Bytes of one sequence's recurrent state (fp32 shifts and wkv)."""
         return self.n_layer * (2 * self.n_embd + self.n_head * self.head_size ** 2) * 4
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduler and memory settings of the continuous-batching engine (config.yaml section `engine`)."""
+    max_sessions: int = 64
+    """State slots preallocated on the model's device: the most sequences decoding at once."""
+    max_waiting: int = 256
+    """Requests (counting each of n) queued beyond the running ones; more are refused with Overloaded."""
+    prefill_chunk: int = 512
+    """Prompt tokens one sequence may prefill in one engine step."""
+    step_token_budget: int = 1024
+    """Tokens (decode + prefill) one engine step may process; bounds how long running streams wait."""
+    prefix_cache_bytes: int = 1 << 30
+    """Host memory for prefix-state snapshots (LRU); 0 disables the cache."""
+    prefix_cache_interval: int = 256
+    """Also snapshot the state every this many prompt tokens (besides the end of each prompt)."""
+    default_max_tokens: int = 256
+    """max_tokens when a request gives none."""
+    max_max_tokens: int = 8192
+    """Upper bound accepted for max_tokens."""
+    max_prompt_tokens: int = 131072
+    """Longest prompt accepted, in tokens (RWKV has no context limit; this bounds time, not memory)."""
+
+    def __post_init__(self):
+        for name in ("max_sessions", "max_waiting", "prefill_chunk", "step_token_budget",
+                     "prefix_cache_interval", "default_max_tokens", "max_max_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"engine.prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+        if self.default_max_tokens > self.max_max_tokens:
+            raise ValueError(f"engine.default_max_tokens ({self.default_max_tokens}) exceeds "
+                             f"engine.max_max_tokens ({self.max_max_tokens})")
+        if self.step_token_budget < self.max_sessions:
+            raise ValueError(f"engine.step_token_budget ({self.step_token_budget}) must be >= "
+                             f"engine.max_sessions ({self.max_sessions}) so every running stream decodes each step")

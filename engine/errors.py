@@ -16,3 +16,23 @@ class InvalidRequest(EngineError, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class Overloaded(EngineError):
+    """The waiting queue is full; retry later (the server answers 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDead(EngineError):
+    """The engine's step loop has stopped (crashed or shut down); nothing can be served."""
+
+
+class EngineDraining(EngineError):
+    """The engine is shutting down and admits no new requests."""
+
+
+class RequestFailed(EngineError):
+    """Processing of one request failed inside the engine; other requests are unaffected."""
