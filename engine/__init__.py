@@ -1,7 +1,12 @@
-"""Goose engine: the RWKV-7 model, weights, tokenizers and state (no HTTP imports). The public API is here."""
-from engine.config import ModelConfig
-from engine.errors import EngineError, InvalidRequest, ModelLoadError
+"""Goose engine: the RWKV-7 model, weights, tokenizers, state and the continuous-batching engine (no HTTP
+imports). The public API is what this module exports."""
+from engine.config import EngineConfig, ModelConfig
+from engine.engine import AsyncEngine, RequestStream
+from engine.errors import (EngineDead, EngineDraining, EngineError, InvalidRequest, ModelLoadError, Overloaded,
+                           RequestFailed)
 from engine.model import RWKV7, load_model
+from engine.request import (EngineStats, FinishReason, GenerateRequest, RequestOutput, SamplingParams,
+                            SequenceOutput, TokenLogprob)
 from engine.state import RNNState
 from engine.strategy import Strategy, parse_strategy
 
@@ -12,5 +17,7 @@ def load_tokenizer(spec: str):
     return _load(spec)
 
 
-__all__ = ["ModelConfig", "EngineError", "InvalidRequest", "ModelLoadError", "RWKV7", "load_model",
-           "RNNState", "Strategy", "parse_strategy", "load_tokenizer"]
+__all__ = ["EngineConfig", "ModelConfig", "AsyncEngine", "RequestStream", "EngineDead", "EngineDraining",
+           "EngineError", "InvalidRequest", "ModelLoadError", "Overloaded", "RequestFailed", "RWKV7", "load_model",
+           "EngineStats", "FinishReason", "GenerateRequest", "RequestOutput", "SamplingParams", "SequenceOutput",
+           "TokenLogprob", "RNNState", "Strategy", "parse_strategy", "load_tokenizer"]

@@ -102,6 +102,15 @@ class RWKV7:
         tokens: LongTensor [B, T] (T >= 1). The state is updated in place and returned; clone() it first to
         keep a snapshot. logits: float32 [B, T, V] with full_output, else [B, V] for the last position.
         """
+        hidden, state = self.forward_hidden(tokens, state, full_output=full_output)
+        return (hidden.to(self.dtype) @ self.head).float(), state
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def forward_hidden(self, tokens: torch.Tensor, state: RNNState | None = None, full_output: bool = False):
+        """Like forward, but return the final normalized hidden state (ln_out output, before the head):
+        float32 [B, T, C] with full_output, else [B, C]. Used for embeddings."""
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
         if state is None:
@@ -118,10 +127,7 @@ class RWKV7:
             x = x + self._channel_mix(i, lw, h, state)
         if not full_output:
             x = x[:, -1]
-        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out[0], self.ln_out[1], LN_EPS)
-        return (x.to(self.dtype) @ self.head).float(), state
-
-    __call__ = forward
+        return F.layer_norm(x, (self.config.n_embd,), self.ln_out[0], self.ln_out[1], LN_EPS), state
 
     # ------------------------------------------------------------------------------------------ blocks
     def _check_tokens(self, tokens) -> torch.Tensor:

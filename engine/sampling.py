@@ -1,0 +1,129 @@
+"""Batched sampling: every row's own parameters applied in one vectorized pass over [B, V] logits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import SamplingParams, TokenLogprob
+
+_NUCLEUS_PROBE = 64          # top-p is first tried within the top 64 tokens, which is exact whenever it suffices
+
+
+@dataclass
+class SamplerRow:
+    """What the sampler needs about one sequence: its parameters, its RNG and its penalty counts row."""
+    params: SamplingParams
+    generator: torch.Generator
+    counts: torch.Tensor | None = None      # [V] fp32 occurrence counts (decayed), when penalties are on
+
+    @property
+    def uses_penalties(self) -> bool:
+        p = self.params
+        return p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
+    """A per-sequence CPU generator: the same seed gives the same stream whatever the batch holds."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed((seed * 1_000_003 + index) % (2**63))
+    return g
+
+
+def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> tuple[list[int], torch.Tensor]:
+    """Pick one token per row of ``logits`` [B, V] fp32; return (token ids, raw log-probabilities [B, V])."""
+    B, V = logits.shape
+    logprobs = torch.log_softmax(logits, dim=-1)                # the model's own distribution, for logprobs
+    x = _apply_biases(logits.clone(), rows)
+    tokens = [0] * B
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if greedy:
+        idx = torch.tensor(greedy)
+        for i, t in zip(greedy, x.index_select(0, idx).argmax(-1).tolist()):
+            tokens[i] = t
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        idx = torch.tensor(sampled)
+        sub = [rows[i] for i in sampled]
+        for i, t in zip(sampled, _sample_rows(x.index_select(0, idx), sub)):
+            tokens[i] = t
+    for r, t in zip(rows, tokens):
+        if r.counts is not None:
+            if r.params.penalty_decay != 1.0:
+                r.counts.mul_(r.params.penalty_decay)
+            r.counts[t] += 1.0
+    return tokens, logprobs
+
+
+def _apply_biases(x: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    rr, cc, vals = [], [], []
+    for i, r in enumerate(rows):
+        p = r.params
+        for tok, bias in p.logit_bias:
+            rr.append(i), cc.append(tok), vals.append(bias)
+        for tok in p.banned_token_ids:
+            rr.append(i), cc.append(tok), vals.append(float("-inf"))
+        if r.counts is not None and r.uses_penalties:
+            seen = (r.counts > 0).float()
+            x[i] -= p.presence_penalty * seen + p.frequency_penalty * r.counts
+    if rr:
+        x.index_put_((torch.tensor(rr), torch.tensor(cc)), torch.tensor(vals, dtype=x.dtype), accumulate=True)
+    return x
+
+
+def _sample_rows(x: torch.Tensor, rows: list[SamplerRow]) -> list[int]:
+    """Temperature, top-k, min-p, top-p, then inverse-CDF sampling with each row's own uniform draw."""
+    B, V = x.shape
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=x.dtype).unsqueeze(1)
+    probs = torch.softmax(x / temps, dim=-1)                       # [B, V]
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in rows])
+    if (top_k < V).any():
+        kmax = int(top_k.max())
+        kth = probs.topk(kmax, dim=-1).values.gather(1, (top_k - 1).clamp(max=kmax - 1).unsqueeze(1))
+        keep &= probs >= kth
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=x.dtype).unsqueeze(1)
+    if (min_p > 0).any():
+        keep &= probs >= min_p * probs.max(dim=-1, keepdim=True).values
+    probs = probs * keep
+    top_p = [r.params.top_p for r in rows]
+    for i, p in enumerate(top_p):
+        if p < 1.0:
+            probs[i] = _nucleus(probs[i], p)
+    u = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in rows])
+    cdf = probs.double().cumsum(dim=-1)                            # [B, V]
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=V - 1)
+    # never land on a zero-probability token (searchsorted can only do so through rounding at the edge)
+    zero = probs.gather(1, picked.unsqueeze(1)).squeeze(1) <= 0
+    if zero.any():
+        picked = torch.where(zero, probs.argmax(-1), picked)
+    return picked.tolist()
+
+
+def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest most-likely set whose mass (of the kept mass) reaches top_p."""
+    total = p.sum()
+    k = min(_NUCLEUS_PROBE, p.numel())
+    vals, idx = p.topk(k)
+    csum = vals.cumsum(0)
+    if csum[-1] < top_p * total and k < p.numel():
+        vals, idx = p.sort(descending=True)
+        csum = vals.cumsum(0)
+    cutoff = int(torch.searchsorted(csum, top_p * total).clamp(max=vals.numel() - 1)) + 1
+    out = torch.zeros_like(p)
+    out[idx[:cutoff]] = vals[:cutoff]
+    return out
+
+
+def top_logprobs(logprobs: torch.Tensor, row: int, token: int, k: int) -> TokenLogprob:
+    """The sampled (or given) token's logprob with the k most likely alternatives at that position."""
+    lp = logprobs[row]
+    top: tuple = ()
+    if k > 0:
+        vals, idx = lp.topk(k)
+        top = tuple(zip(idx.tolist(), vals.tolist()))
+    return TokenLogprob(token_id=token, logprob=float(lp[token]), top=top)
