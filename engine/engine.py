@@ -441,9 +441,10 @@ class AsyncEngine:
             if s.finished is not None and not s.released:
                 s.released = True
                 self._release_seq(g, s)
-        g.sink.put(out)
         if done:
             self._groups.pop(g.id, None)
+        self._publish()                                  # stats are current when the consumer wakes up
+        g.sink.put(out)
 
     def _release_seq(self, g: _Group, s: _Seq) -> None:
         """A sequence finished: snapshot its conversation state for the next turn, free its row."""
@@ -460,6 +461,7 @@ class AsyncEngine:
             return
         self._counters["aborted"] += 1
         self._drop(g)
+        self._publish()
         g.sink.put(RequestOutput(request_id=g.id, prompt_tokens=len(g.request.prompt_tokens), finished=True,
                                  outputs=[SequenceOutput(index=s.index, text="", token_ids=[],
                                                          finish_reason=FinishReason.ABORT,

@@ -1,0 +1,104 @@
+"""Batched sampling: greedy, seeds independent of the batch, filters, penalties, biases, logprobs."""
+import pytest
+import torch
+
+from engine.errors import InvalidRequest
+from engine.request import SamplingParams
+from engine.sampling import SamplerRow, make_generator, sample, top_logprobs
+
+V = 50
+
+
+def logits(B, seed=0):
+    return torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def row(seed=None, index=0, **kw):
+    p = SamplingParams(seed=seed, **kw)
+    counts = torch.zeros(V) if (p.presence_penalty or p.frequency_penalty) else None
+    return SamplerRow(p, make_generator(seed, index), counts)
+
+
+def test_greedy_is_argmax():
+    x = logits(4)
+    toks, lp = sample(x, [row(temperature=0) for _ in range(4)])
+    assert toks == x.argmax(-1).tolist()
+    assert torch.allclose(lp, torch.log_softmax(x, -1))
+
+
+def test_seed_reproducible_whatever_the_batch():
+    x = logits(8, seed=1)
+    alone = [sample(x[3:4], [row(seed=7)])[0][0] for _ in range(1)]
+    rows = [row(seed=s) for s in range(8)]
+    rows[3] = row(seed=7)
+    in_batch = sample(x, rows)[0][3]
+    assert alone[0] == in_batch
+    # a sequence of draws stays identical too
+    r1, r2 = row(seed=5), row(seed=5)
+    a = [sample(x[i:i + 1], [r1])[0][0] for i in range(8)]
+    b = [sample(x[[i, 0, 1]], [r2, row(), row()])[0][0] for i in range(8)]
+    assert a == b
+
+
+def test_top_k_one_and_tiny_top_p_and_min_p_are_greedy():
+    x = logits(3, seed=2)
+    greedy = x.argmax(-1).tolist()
+    assert sample(x, [row(top_k=1) for _ in range(3)])[0] == greedy
+    assert sample(x, [row(top_p=1e-6) for _ in range(3)])[0] == greedy
+    assert sample(x, [row(min_p=1.0) for _ in range(3)])[0] == greedy
+
+
+def test_top_k_limits_the_support():
+    x = logits(1, seed=3)
+    allowed = set(x[0].topk(5).indices.tolist())
+    r = row(seed=1, top_k=5, temperature=2.0)
+    assert {sample(x, [r])[0][0] for _ in range(200)} <= allowed
+
+
+def test_top_p_keeps_the_nucleus_only():
+    x = torch.tensor([[5.0, 4.0, 0.0] + [-10.0] * (V - 3)])
+    p = torch.softmax(x, -1)[0]
+    assert p[0] + p[1] > 0.95
+    r = row(seed=2, top_p=0.95)
+    assert {sample(x, [r])[0][0] for _ in range(200)} <= {0, 1}
+
+
+def test_logit_bias_and_banned_tokens():
+    x = logits(2, seed=4)
+    forced = sample(x, [row(temperature=0, logit_bias=((7, 100.0),)), row(temperature=0)])[0]
+    assert forced[0] == 7 and forced[1] == x[1].argmax()
+    top = int(x[0].argmax())
+    assert sample(x[:1], [row(temperature=0, banned_token_ids=(top,))])[0][0] != top
+
+
+def test_presence_and_frequency_penalties():
+    x = torch.zeros(1, V)
+    x[0, 3] = 1.0
+    r = row(temperature=0, presence_penalty=2.0)
+    first = sample(x, [r])[0][0]
+    second = sample(x, [r])[0][0]
+    assert first == 3 and second != 3                      # 1.0 - 2.0 < 0
+    r = row(temperature=0, frequency_penalty=0.4, penalty_decay=0.5)
+    assert [sample(x, [r])[0][0] for _ in range(3)] == [3, 3, 3]   # decayed counts stay below 2.5
+    assert r.counts[3] == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_logprobs_with_alternatives():
+    x = logits(1, seed=5)
+    _, lp = sample(x, [row(temperature=0)])
+    t = top_logprobs(lp, 0, 11, 3)
+    ref = torch.log_softmax(x[0], -1)
+    assert t.token_id == 11 and t.logprob == pytest.approx(float(ref[11]))
+    assert [i for i, _ in t.top] == ref.topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"logprobs": 21}, "logprobs"), ({"stop": ("",)}, "stop"), ({"max_tokens": -1}, "max_tokens"),
+    ({"logit_bias": ((1, 101.0),)}, "logit_bias"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"penalty_decay": 0}, "penalty_decay"), ({"seed": 2**64}, "seed"), ({"temperature": float("nan")}, "temperature"),
+])
+def test_invalid_params_name_the_field(kw, param):
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(**kw)
+    assert info.value.param == param
