@@ -366,36 +366,47 @@ class AsyncEngine:
                 s.finished = FinishReason.LENGTH
             self._deliver(g, {s.index: [] for s in g.seqs}, None)
             return
-        self._sample_and_deliver(g, g.seqs, logits.expand(len(g.seqs), -1))
+        self._sample_and_deliver([(g, s) for s in g.seqs], logits.expand(len(g.seqs), -1))
 
     # ------------------------------------------------------------------------------------------ decode
     def _decode(self, groups: list[_Group]) -> None:
+        """One token for every live sequence: one forward in place on the packed pool rows, one sampling pass."""
         seqs = [(g, s) for g in groups for s in g.seqs if s.finished is None]
         if not seqs:
             return
         state = self.pool.pack([g.key(s.index) for g, s in seqs])
         tokens = torch.tensor([[s.pending] for _, s in seqs], device=self.model.device)
         logits, _ = self.model.forward(tokens, state)                   # [D, V], state advanced in place
-        offset = 0
-        for g in groups:
-            live = [s for s in g.seqs if s.finished is None]
-            if live:
-                self._sample_and_deliver(g, live, logits[offset: offset + len(live)])
-                offset += len(live)
+        self._sample_and_deliver(seqs, logits)
 
-    def _sample_and_deliver(self, g: _Group, seqs: list[_Seq], logits: torch.Tensor) -> None:
+    def _sample_and_deliver(self, seqs: list[tuple[_Group, _Seq]], logits: torch.Tensor) -> None:
+        """Sample all rows in one vectorized pass, then update and deliver group by group."""
+        want = any(g.request.params.logprobs is not None for g, _ in seqs)
         try:
-            tokens, logprobs = sample(logits.float().cpu(), [s.row for s in seqs])
-            k = g.request.params.logprobs
-            new: dict[int, list] = {}
-            for j, (s, tok) in enumerate(zip(seqs, tokens)):
-                lp = top_logprobs(logprobs, j, tok, k) if k is not None else None
-                new[s.index] = [(tok, lp)]
+            tokens, logprobs = sample(logits.float().cpu(), [s.row for _, s in seqs], want_logprobs=want)
+        except Exception:                          # isolate the culprit: sample each group on its own
+            tokens, logprobs = None, None
+        by_group: dict[str, tuple[_Group, dict[int, list]]] = {}
+        for j, (g, s) in enumerate(seqs):
+            if g.id not in self._groups:
+                continue
+            try:
+                if tokens is None:
+                    one, lps = sample(logits[j:j + 1].float().cpu(), [s.row], want_logprobs=want)
+                    tok, lp_row, lp_src = one[0], 0, lps
+                else:
+                    tok, lp_row, lp_src = tokens[j], j, logprobs
+                k = g.request.params.logprobs
+                lp = top_logprobs(lp_src, lp_row, tok, k) if k is not None else None
                 self._advance(g, s, tok)
-        except Exception as exc:
-            self._fail(g, exc)
-            return
-        self._deliver(g, new, None)
+            except Exception as exc:                # this request's data broke: fail it alone
+                self._fail(g, exc)
+                by_group.pop(g.id, None)
+                continue
+            by_group.setdefault(g.id, (g, {}))[1][s.index] = [(tok, lp)]
+        for g, new in by_group.values():
+            if g.id in self._groups:
+                self._deliver(g, new, None)
 
     def _advance(self, g: _Group, s: _Seq, tok: int) -> None:
         """Record a sampled token and decide whether its sequence finishes."""

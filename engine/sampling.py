@@ -33,11 +33,13 @@ def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> tuple[list[int], torch.Tensor]:
-    """Pick one token per row of ``logits`` [B, V] fp32; return (token ids, raw log-probabilities [B, V])."""
+def sample(logits: torch.Tensor, rows: list[SamplerRow],
+           want_logprobs: bool = True) -> tuple[list[int], torch.Tensor | None]:
+    """Pick one token per row of ``logits`` [B, V] fp32; return (token ids, the model's log-probabilities
+    [B, V] before any bias or penalty, or None when not wanted). ``logits`` is not modified."""
     B, V = logits.shape
-    logprobs = torch.log_softmax(logits, dim=-1)                # the model's own distribution, for logprobs
-    x = _apply_biases(logits.clone(), rows)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    x = _apply_biases(logits, rows)
     tokens = [0] * B
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
@@ -59,6 +61,10 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> tuple[list[int], tor
 
 
 def _apply_biases(x: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """Logit biases, bans and penalties on a copy of ``x`` (``x`` itself when there are none)."""
+    if not any(r.params.logit_bias or r.params.banned_token_ids or r.counts is not None for r in rows):
+        return x
+    x = x.clone()
     rr, cc, vals = [], [], []
     for i, r in enumerate(rows):
         p = r.params
@@ -93,8 +99,8 @@ def _sample_rows(x: torch.Tensor, rows: list[SamplerRow]) -> list[int]:
     for i, p in enumerate(top_p):
         if p < 1.0:
             probs[i] = _nucleus(probs[i], p)
-    u = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in rows])
-    cdf = probs.double().cumsum(dim=-1)                            # [B, V]
+    u = torch.cat([torch.rand(1, generator=r.generator) for r in rows])
+    cdf = probs.cumsum(dim=-1)                                     # [B, V]
     target = (u * cdf[:, -1]).unsqueeze(1)
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=V - 1)
     # never land on a zero-probability token (searchsorted can only do so through rounding at the edge)

@@ -102,7 +102,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     elif path.suffix == ".safetensors":
         raw = _read_safetensors(path)
     elif path.suffix == ".gguf":
-        raise ModelLoadError(f"{path}: GGUF files are not supported by this version yet; supported: {SUPPORTED}")
+        from engine.gguf_format import read_gguf
+        raw = read_gguf(path)
     else:
         raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; supported: {SUPPORTED}")
     for key, value in raw.items():

@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("server.info", "load a checkpoint and print its dimensions, state size and a test forward"),
     "train": ("training.train", "train an RWKV-7 model (e.g. the default model: --config training/austen.yaml)"),
+    "convert": ("engine.convert", "convert a model between .pth, .safetensors, Hugging Face (fla-hub) and GGUF"),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine", "Goose vs the official rwkv package: prefill, decode, batched decode"),
