@@ -1,0 +1,123 @@
+"""Concurrency benchmark: aggregate decode tokens/s and time-to-first-token of the AsyncEngine at 1..128
+concurrent generations, and TTFT with a cached 2,000-token prefix vs a cold one; the official rwkv
+package's single-stream decode is measured in the same run as the yardstick.
+
+    python -m bench.concurrency [--dtypes fp32,bf16] [--levels 1,8,32,64,128] [--tokens 32]
+
+Targets: aggregate at 64 >= 20x the reference single stream (fp32), higher on bf16; cached TTFT <= 1/10 cold.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RWKV_V7_ON", "1")
+os.environ.setdefault("RWKV_JIT_ON", "1")
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+
+from bench.engine import bench_reference, machine_line  # noqa: E402
+from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams, load_model, load_tokenizer  # noqa: E402
+from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 65000 + 1 for i in range(n)]
+
+
+async def _one(eng, req, t_submit, ttfts):
+    first = None
+    count = 0
+    async for out in eng.generate(req):
+        n = sum(len(o.token_ids) for o in out.outputs)
+        if n and first is None:
+            first = time.perf_counter()
+            ttfts.append(first - t_submit)
+        count += n
+    return count
+
+
+async def _level(model, tok, concurrency: int, tokens: int, prompt_len: int) -> tuple[float, float]:
+    eng = AsyncEngine(model, tok, EngineConfig(max_sessions=max(concurrency, 1), max_waiting=1024,
+                                               step_token_budget=max(1024, concurrency), prefill_chunk=512,
+                                               prefix_cache_bytes=0))
+    eng.start()
+    try:
+        ttfts: list[float] = []
+        params = SamplingParams(max_tokens=tokens, temperature=1.0, top_p=0.9, ignore_eos=True)
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(
+            _one(eng, GenerateRequest(_prompt(prompt_len, i), SamplingParams(**{**params.__dict__, "seed": i})),
+                 t0, ttfts) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+        return sum(counts) / wall, statistics.median(ttfts)
+    finally:
+        await eng.stop(1)
+
+
+async def _cached_ttft(model, tok, prefix_len: int) -> tuple[float, float]:
+    """TTFT of (prefix + a short question): cold, then with the prefix already cached."""
+    prefix = _prompt(prefix_len, 99)
+    question = _prompt(16, 7)
+    result = []
+    for cache in (0, 1 << 30):
+        eng = AsyncEngine(model, tok, EngineConfig(max_sessions=4, prefix_cache_bytes=cache, prefill_chunk=512))
+        eng.start()
+        try:
+            if cache:
+                await _one(eng, GenerateRequest(prefix, SamplingParams(max_tokens=1)), time.perf_counter(), [])
+            ttfts: list[float] = []
+            await _one(eng, GenerateRequest(prefix + question, SamplingParams(max_tokens=1)), time.perf_counter(),
+                       ttfts)
+            result.append(ttfts[0])
+        finally:
+            await eng.stop(1)
+    return result[0], result[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="goose bench concurrency", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--levels", default="1,8,32,64,128")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
+    ap.add_argument("--prefix", type=int, default=2000, help="cached prefix length for the TTFT comparison")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    tok = load_tokenizer("world")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stem = os.path.join(tmp, "rwkv7-0b1-random")
+        write_checkpoint(stem + ".pth", SHAPE_0B1, seed=0)
+        for dtype in args.dtypes.split(","):
+            print(f"[cpu {dtype}] reference single stream ...", file=sys.stderr)
+            ref = bench_reference(stem, dtype, 16, 32, 2)["decode"]
+            model = load_model(stem + ".pth", f"cpu {dtype}")
+            for c in levels:
+                print(f"[cpu {dtype}] concurrency {c} ...", file=sys.stderr)
+                tps, ttft = asyncio.run(_level(model, tok, c, args.tokens, args.prompt))
+                rows.append((dtype, f"{c} concurrent", ref, tps, ttft))
+            cold, warm = asyncio.run(_cached_ttft(model, tok, args.prefix))
+            rows.append((dtype, "ttft", cold, warm, None))
+    print(f"\nmachine: {machine_line()}")
+    print(f"model: random RWKV-7 0.1B shape (L12 C768 V65536); {args.prompt}-token prompts, {args.tokens} tokens each;"
+          f" reference: rwkv 0.8.32 single-stream decode\n")
+    print("| strategy | load | aggregate tok/s | x reference single stream | TTFT p50 (s) |")
+    print("|---|---|---:|---:|---:|")
+    for dtype, what, ref, tps, ttft in rows:
+        if what != "ttft":
+            print(f"| cpu {dtype} | {what} | {tps:.0f} | {tps / ref:.1f}x (ref {ref:.1f} tok/s) | {ttft:.3f} |")
+    print(f"\n| strategy | TTFT, {args.prefix}-token prefix + 16 new tokens: cold (s) | cached (s) | cached / cold |")
+    print("|---|---:|---:|---:|")
+    for dtype, what, cold, warm, _ in rows:
+        if what == "ttft":
+            print(f"| cpu {dtype} | {cold:.3f} | {warm:.3f} | {warm / cold:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
