@@ -7,6 +7,7 @@ import sys
 
 # subcommand -> (module with main(argv) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("server.serve", "serve a model over the OpenAI API (default: the embedded model on 127.0.0.1:8000)"),
     "info": ("server.info", "load a checkpoint and print its dimensions, state size and a test forward"),
     "train": ("training.train", "train an RWKV-7 model (e.g. the default model: --config training/austen.yaml)"),
     "convert": ("engine.convert", "convert a model between .pth, .safetensors, Hugging Face (fla-hub) and GGUF"),
@@ -14,6 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine", "Goose vs the official rwkv package: prefill, decode, batched decode"),
     "tokenizer": ("bench.tokenizer", "World tokenizer encode speed vs the reference"),
+    "concurrency": ("bench.concurrency", "AsyncEngine: aggregate tokens/s and TTFT at 1..128 streams; cached TTFT"),
+    "memory": ("bench.memory", "peak RSS and decode ms/token after 1k, 16k and 128k tokens of context"),
 }
 
 
