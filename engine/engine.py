@@ -333,11 +333,11 @@ class AsyncEngine:
             if want_all:
                 self._collect_prompt_logprobs(g, logits[0], start, end)
                 logits = logits[:, -1]
+            if self.cache.enabled and (end == len(prompt) or end % self.config.prefix_cache_interval == 0):
+                self.cache.insert(prompt[:end], self.pool.view(g.key(0)))
         except Exception as exc:                       # this request's data broke the step: fail it alone
             self._fail(g, exc)
             return
-        if self.cache.enabled and (end == len(prompt) or end % self.config.prefix_cache_interval == 0):
-            self.cache.insert(prompt[:end], self.pool.view(g.key(0)))
         if self.scheduler.prefilled(g.id, ntok):
             self._start_decoding(g, logits)
 
@@ -461,7 +461,10 @@ class AsyncEngine:
         """A sequence finished: snapshot its conversation state for the next turn, free its row."""
         key = g.key(s.index)
         if s.finished is not FinishReason.ABORT and self.cache.enabled and len(s.tokens) > 1:
-            self.cache.insert(g.request.prompt_tokens + s.tokens[:-1], self.pool.view(key))
+            try:
+                self.cache.insert(g.request.prompt_tokens + s.tokens[:-1], self.pool.view(key))
+            except Exception:                          # the cache is an optimisation: never fail for it
+                log.exception("prefix-cache snapshot of %s failed", g.id)
         self.pool.free(key)
         self.scheduler.finish_seq(g.id)
 

@@ -154,8 +154,8 @@ class RWKV7:
         B, T, C = h.shape
         H, N = self.config.n_head, self.config.head_size
         dt = self.dtype
-        d = self._shift(h, state.att_x[:, i]) - h
-        state.att_x[:, i] = h[:, -1]
+        d = self._shift(h, state.att_x[i]) - h
+        state.att_x[i].copy_(h[:, -1])
         mixed = torch.addcmul(h, d, lw.att_mix).to(dt)                                 # [6, B, T, C]
         _, _, xv, xw, xa, xg = mixed.unbind(0)
         rkv = torch.bmm(mixed[:3].view(3, B * T, C), lw.w_rkv).float()                 # [3, B*T, A]
@@ -180,7 +180,7 @@ class RWKV7:
         H, N = self.config.n_head, self.config.head_size
         shape = (B, T, H, N)
         r, log_w, k, v = (t.view(shape) for t in (r, log_w, k, v))
-        S = state.wkv[:, i]                                                   # [B, H, N, N] fp32 view
+        S = state.wkv[i]                                                      # [B, H, N, N] fp32
         if T == 1 and self._wkv_step_ is not None:
             return self._wkv_step_(r, log_w, k, v, a, b, S)
         y, new_S = self._wkv_seq(r, log_w, k, v, a, b, S)
@@ -188,8 +188,8 @@ class RWKV7:
         return y
 
     def _channel_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState) -> torch.Tensor:
-        d = self._shift(h, state.ffn_x[:, i]) - h
-        state.ffn_x[:, i] = h[:, -1]
+        d = self._shift(h, state.ffn_x[i]) - h
+        state.ffn_x[i].copy_(h[:, -1])
         xk = torch.addcmul(h, d, lw.ffn_mix).to(self.dtype)
         hidden = torch.relu_(xk @ lw.ffn_key).square_()                                # [B, T, F]
         return (hidden @ lw.ffn_value).float()

@@ -73,7 +73,7 @@ class PrefixCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        snap = state.to(self.device) if str(state.wkv.device) != self.device else state.clone()
+        snap = state.to(self.device) if str(state.wkv[0].device) != self.device else state.clone()
         nbytes = snap.nbytes + 8 * len(tokens)
         if nbytes > self.max_bytes:
             return

@@ -63,7 +63,7 @@ class StatePool:
         return self.view(key).clone()
 
     def load(self, key: Hashable, state: RNNState) -> None:
-        self.view(key).index_copy_(torch.tensor([0]), state.to(self.state.wkv.device))
+        self.view(key).index_copy_(torch.tensor([0]), state.to(self.state.wkv[0].device))
 
     def copy(self, src: Hashable, dst: Hashable) -> None:
         """Make ``dst``'s row a copy of ``src``'s (n > 1: one prefill, n continuations)."""
@@ -92,10 +92,10 @@ class StatePool:
         self._row[key] = row
 
     def _tensors(self):
-        return self.state.att_x, self.state.wkv, self.state.ffn_x
+        return self.state.tensors()
 
     def _narrow(self, start: int, length: int) -> RNNState:
-        return RNNState(*(t.narrow(0, start, length) for t in self._tensors()))
+        return self.state.narrow(start, length)
 
     def _zero(self, row: int) -> None:
         for t in self._tensors():
@@ -107,6 +107,4 @@ class StatePool:
 
     def _swap_rows(self, a: int, b: int) -> None:
         for t in self._tensors():
-            tmp = t[a].clone()
-            t[a].copy_(t[b])
-            t[b].copy_(tmp)
+            t[[a, b]] = t[[b, a]]

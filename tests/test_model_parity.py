@@ -52,9 +52,9 @@ def test_token_by_token_matches_reference(pair, T):
         assert rel_err(logits[0], expected[t]) <= TOL
     # the recurrent state itself agrees with the package's (att shift, wkv, ffn shift per layer)
     for i in range(ours.config.n_layer):
-        assert rel_err(state.att_x[0, i], ref_state[3 * i].float()) <= TOL
-        assert rel_err(state.wkv[0, i], ref_state[3 * i + 1].float()) <= TOL
-        assert rel_err(state.ffn_x[0, i], ref_state[3 * i + 2].float()) <= TOL
+        assert rel_err(state.att_x[i][0], ref_state[3 * i].float()) <= TOL
+        assert rel_err(state.wkv[i][0], ref_state[3 * i + 1].float()) <= TOL
+        assert rel_err(state.ffn_x[i][0], ref_state[3 * i + 2].float()) <= TOL
 
 
 def test_safetensors_gives_same_logits(ckpt_dir, tiny_pth, tiny_model):
