@@ -5,8 +5,9 @@ from engine.engine import AsyncEngine, RequestStream
 from engine.errors import (EngineDead, EngineDraining, EngineError, InvalidRequest, ModelLoadError, Overloaded,
                            RequestFailed)
 from engine.model import RWKV7, load_model
-from engine.request import (EngineStats, FinishReason, GenerateRequest, RequestOutput, SamplingParams,
-                            SequenceOutput, TokenLogprob)
+from engine.prompt import ChatTemplate, render_chat
+from engine.request import (MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_LEN, EngineStats, FinishReason,
+                            GenerateRequest, RequestOutput, SamplingParams, SequenceOutput, TokenLogprob)
 from engine.state import RNNState
 from engine.strategy import Strategy, parse_strategy
 
@@ -20,4 +21,5 @@ def load_tokenizer(spec: str):
 __all__ = ["EngineConfig", "ModelConfig", "AsyncEngine", "RequestStream", "EngineDead", "EngineDraining",
            "EngineError", "InvalidRequest", "ModelLoadError", "Overloaded", "RequestFailed", "RWKV7", "load_model",
            "EngineStats", "FinishReason", "GenerateRequest", "RequestOutput", "SamplingParams", "SequenceOutput",
-           "TokenLogprob", "RNNState", "Strategy", "parse_strategy", "load_tokenizer"]
+           "TokenLogprob", "RNNState", "Strategy", "parse_strategy", "load_tokenizer", "ChatTemplate", "render_chat",
+           "MAX_LOGPROBS", "MAX_N", "MAX_STOP", "MAX_STOP_LEN"]

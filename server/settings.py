@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from engine.config import EngineConfig
+from engine import EngineConfig
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,101 @@
+"""Chat messages -> RWKV prompt text (``User: ...\\n\\nAssistant:``), with the model's own template when it has one.
+
+RWKV chat models are trained on turns separated by "\\n\\n" (RWKV-LM RWKV7-G1x-templates.txt; our
+training/chat_data.py), so inside a message "\\r\\n" becomes "\\n", runs of blank lines collapse to one "\\n" and the
+text is stripped: "\\n\\n" then only ever ends a turn, and stopping on "\\n\\n" ends the assistant's reply.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequest
+
+ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}     # newer OpenAI clients send "developer" for system instructions
+_BLANK_LINES = re.compile(r"\n{2,}")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The RWKV chat format; goose.json's "chat" and "stop" entries override the RWKV World defaults."""
+    user: str = "User"
+    assistant: str = "Assistant"
+    system: str = "System"
+    separator: str = "\n\n"
+    """Ends every turn."""
+    generation_prompt: str = "Assistant:"
+    """Appended after the last message; the model continues with the reply (usually starting with a space)."""
+    stop: tuple[str, ...] = ("\n\n", "\nUser:")
+    """Stop strings added to every chat request: the reply ends where the model starts a new turn."""
+    bos: bool = True
+    """Start the prompt with the end-of-text id, as documents are separated by it in training."""
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping | None) -> ChatTemplate:
+        """The template described by a goose.json dict ({"chat": {...}, "stop": [...]}); defaults where absent."""
+        if not meta:
+            return cls()
+        chat = meta.get("chat") or {}
+        if not isinstance(chat, Mapping):
+            raise ValueError("goose.json: 'chat' must be an object")
+        known = {"user", "assistant", "system", "separator", "generation_prompt", "bos"}
+        unknown = set(chat) - known
+        if unknown:
+            raise ValueError(f"goose.json: unknown chat keys {sorted(unknown)}; known: {sorted(known)}")
+        for key, value in chat.items():
+            if not isinstance(value, bool if key == "bos" else str):
+                raise ValueError(f"goose.json: chat.{key} has the wrong type ({value!r})")
+        stop = meta.get("stop", cls.stop)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("goose.json: 'stop' must be a list of non-empty strings")
+        return cls(**chat, stop=tuple(stop))
+
+    def role_name(self, role: str) -> str:
+        return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
+
+
+def clean_message(text: str) -> str:
+    """Normalise one message: CRLF -> LF, blank-line runs -> one newline, stripped."""
+    return _BLANK_LINES.sub("\n", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+def message_text(content, index: int) -> str:
+    """The text of a message's content: a string, None, or a list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"messages[{index}].content: only text parts are supported, got "
+                                     f"{str(kind)[:40]!r}", param=f"messages[{index}].content")
+            parts.append(part["text"])
+        return "\n".join(parts)
+    raise InvalidRequest(f"messages[{index}].content must be a string or a list of text parts",
+                         param=f"messages[{index}].content")
+
+
+def render_chat(messages: Iterable[Mapping], template: ChatTemplate = ChatTemplate()) -> str:
+    """Prompt text for a conversation: "System: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\n" + "Assistant:".
+
+    messages are mappings with "role" (system, developer, user or assistant) and "content" (see message_text).
+    """
+    out = []
+    count = 0
+    for i, msg in enumerate(messages):
+        count += 1
+        role = msg.get("role")
+        role = ROLE_ALIASES.get(role, role)
+        if role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of system, developer, user, assistant; "
+                                 f"got {str(role)[:40]!r}", param=f"messages[{i}].role")
+        text = clean_message(message_text(msg.get("content"), i))
+        out.append(f"{template.role_name(role)}: {text}{template.separator}")
+    if not count:
+        raise InvalidRequest("messages must not be empty", param="messages")
+    return "".join(out) + template.generation_prompt
