@@ -4,7 +4,8 @@
 
 Prints prefill tokens/s (T=1024), single-stream decode tokens/s, and Goose's batched decode (aggregate
 tokens/s at B=64) with each figure's ratio to the reference. Targets: prefill >= 5x, single-stream decode
->= 1.0x, B=64 aggregate >= 20x the reference's single stream.
+>= 1.0x, B=64 aggregate >= 20x the reference's single stream. When llama-cpp-python is installed, a llama.cpp
+column runs the same checkpoint exported by `goose convert` to GGUF (F32 for fp32, BF16/F16 for bf16/fp16).
 """
 from __future__ import annotations
 
@@ -83,6 +84,44 @@ def bench_goose(path: str, dtype: str, T: int, n_decode: int, batch: int, repeat
     return results
 
 
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_llamacpp(gguf_path: str, T: int, n_decode: int, repeats: int) -> dict:
+    """llama.cpp through llama-cpp-python on the GGUF export: prefill of T tokens, then one token per eval call."""
+    from llama_cpp import Llama
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=gguf_path, n_ctx=T + n_decode * (repeats + 2) + 64, n_batch=T, n_ubatch=min(T, 512),
+                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    prompt = [(i * 7919) % 65536 for i in range(T)]
+
+    def prefill():
+        llm.reset()
+        llm.eval(prompt)
+    results = {"prefill": T / timed(prefill, repeats)}
+    llm.reset()
+    llm.eval(prompt[:8])
+
+    def decode():
+        for i in range(n_decode):
+            llm.eval([100 + i])
+    results["decode"] = n_decode / timed(decode, repeats)
+    llm.close()
+    return results
+
+
+def export_gguf(pth: str, dtype: str) -> str:
+    from engine.convert import convert
+    path = pth.replace(".pth", f"-{dtype}.gguf")
+    convert(pth, path, dtype=dtype, tokenizer="world", force=True, progress=False, note=lambda text: None)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="goose bench engine", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -97,25 +136,45 @@ def main(argv: list[str] | None = None) -> int:
               f"V{SHAPE_0B1.vocab_size}) ...", file=sys.stderr)
         write_checkpoint(stem + ".pth", SHAPE_0B1, seed=0)
         rows = []
+        with_llama = llama_cpp_available()
         for dtype in args.dtypes.split(","):
             print(f"[cpu {dtype}] reference ...", file=sys.stderr)
             ref = bench_reference(stem, dtype, args.prefill, args.decode, args.repeats)
             print(f"[cpu {dtype}] goose ...", file=sys.stderr)
             ours = bench_goose(stem + ".pth", dtype, args.prefill, args.decode, args.batch, args.repeats)
-            rows.append((dtype, ref, ours))
+            llama = None
+            if with_llama:
+                print(f"[cpu {dtype}] llama.cpp (GGUF via goose convert) ...", file=sys.stderr)
+                gguf_path = export_gguf(stem + ".pth", dtype)
+                llama = bench_llamacpp(gguf_path, args.prefill, args.decode, args.repeats)
+                os.remove(gguf_path)
+            rows.append((dtype, ref, ours, llama))
     print(f"\nmachine: {machine_line()}")
-    print(f"model: random RWKV-7 0.1B shape (L12 C768 H12 N64 V65536); reference: rwkv 0.8.32 (RWKV_JIT_ON=1)\n")
-    header = (f"| strategy | measure | rwkv 0.8.32 tok/s | goose tok/s | ratio | target |")
-    print(header)
-    print("|---|---|---:|---:|---:|---:|")
-    for dtype, ref, ours in rows:
+    print("model: random RWKV-7 0.1B shape (L12 C768 H12 N64 V65536); reference: rwkv 0.8.32 (RWKV_JIT_ON=1)")
+    if with_llama:
+        import llama_cpp
+        print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, the same checkpoint as GGUF "
+              f"(goose convert; F32 for fp32, BF16 for bf16), {torch.get_num_threads()} threads\n")
+    else:
+        print("llama.cpp: column skipped (llama-cpp-python is not installed: pip install llama-cpp-python)\n")
+    extra_head = " llama.cpp tok/s | goose / llama.cpp |" if with_llama else ""
+    print(f"| strategy | measure | rwkv 0.8.32 tok/s | goose tok/s | ratio | target |{extra_head}")
+    print("|---|---|---:|---:|---:|---:|" + ("---:|---:|" if with_llama else ""))
+
+    def extra(llama, ours, key):
+        if not with_llama:
+            return ""
+        if key is None:
+            return " - | - |"
+        return f" {llama[key]:.1f} | {ours[key] / llama[key]:.2f}x |"
+    for dtype, ref, ours, llama in rows:
         s = f"cpu {dtype}"
         print(f"| {s} | prefill T={args.prefill} | {ref['prefill']:.0f} | {ours['prefill']:.0f} | "
-              f"{ours['prefill'] / ref['prefill']:.2f}x | >= 5x |")
+              f"{ours['prefill'] / ref['prefill']:.2f}x | >= 5x |{extra(llama, ours, 'prefill')}")
         print(f"| {s} | decode B=1 | {ref['decode']:.1f} | {ours['decode']:.1f} | "
-              f"{ours['decode'] / ref['decode']:.2f}x | >= 1.0x |")
+              f"{ours['decode'] / ref['decode']:.2f}x | >= 1.0x |{extra(llama, ours, 'decode')}")
         print(f"| {s} | decode B={args.batch} aggregate | {ref['decode']:.1f} (B=1) | {ours['batched']:.0f} | "
-              f"{ours['batched'] / ref['decode']:.1f}x | >= 20x |")
+              f"{ours['batched'] / ref['decode']:.1f}x | >= 20x |{extra(llama, ours, None)}")
     return 0
 
 

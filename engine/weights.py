@@ -12,8 +12,8 @@ import torch
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 
-SUPPORTED = ("RWKV-7 x070 checkpoints: a BlinkDL .pth or .safetensors, or a fla-hub Hugging Face "
-             "directory (config.json + safetensors) or its safetensors file")
+SUPPORTED = ("RWKV-7 x070 checkpoints: a BlinkDL .pth or .safetensors, a fla-hub Hugging Face "
+             "directory (config.json + safetensors) or its safetensors file, or a GGUF file (arch rwkv7)")
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _VECTOR_KEYS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")

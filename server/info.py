@@ -12,7 +12,7 @@ from server.settings import ConfigError, load_settings
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="goose info", description=__doc__)
-    ap.add_argument("model", nargs="?", help="a .pth, .safetensors, or Hugging Face directory "
+    ap.add_argument("model", nargs="?", help="a .pth, .safetensors, .gguf, or Hugging Face directory "
                     "(default: model.path of the config file)")
     ap.add_argument("--config", help="config file (default: ./config.yaml when it exists)")
     ap.add_argument("--strategy", help="e.g. 'cpu fp32', 'cpu bf16', 'cuda fp16' (default: from the config)")

@@ -1,0 +1,578 @@
+"""GGUF (llama.cpp) for RWKV-7: write arch ``rwkv7`` exactly as llama.cpp loads it, and read it back to BlinkDL names.
+
+Layout, metadata keys and the tensor dtype policy follow the reference notes §3.3 (llama.cpp `conversion/rwkv.py`,
+`conversion/base.py`, `src/models/rwkv7.cpp`). numpy shapes are used throughout; gguf-py reverses them to ggml order.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.hf_format import CHAT_TEMPLATE, TokenizerData
+
+ARCH = "rwkv7"
+CONTEXT_LENGTH = 1048576              # RWKV is not context limited; llama.cpp's converter writes this
+LAYER_NORM_EPS = 1e-5
+_FORCED_F32 = ("time_mix_w1.weight", "time_mix_w2.weight", "time_mix_lerp_fused.weight")
+_EOT_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|end|>")
+
+
+def require_gguf():
+    """The gguf package, or a ModelLoadError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise ModelLoadError("GGUF support needs the 'gguf' package: pip install gguf") from None
+    return gguf
+
+
+# ----------------------------------------------------------------------------------------------- token escaping
+def escape_rwkv_token(token: bytes) -> str:
+    """llama.cpp's text form of a World token: Python's repr of the bytes without b'' (conversion/base.py)."""
+    return repr(token)[2:-1]
+
+
+def unescape_rwkv_token(text: str) -> bytes:
+    """Inverse of escape_rwkv_token, with llama.cpp's rule (llama_unescape_rwkv_token): \\t \\n \\r \\xHH, \\c -> c."""
+    out = bytearray()
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c != "\\" or i + 1 == n:
+            out += c.encode("utf-8")
+            i += 1
+            continue
+        e = text[i + 1]
+        if e == "x":
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+            continue
+        out += {"t": b"\t", "n": b"\n", "r": b"\r"}.get(e) or e.encode("utf-8")
+        i += 2
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+Getter = Callable[[str], torch.Tensor]
+
+
+def tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], Callable[[Getter], torch.Tensor]]]:
+    """(GGUF name, numpy shape, builder from BlinkDL tensors) for every tensor llama.cpp's rwkv7 loader wants."""
+    C, V, F, L = cfg.n_embd, cfg.vocab_size, cfg.dim_ffn, cfg.n_layer
+    plan: list = []
+
+    def add(name, shape, fn):
+        plan.append((name, tuple(shape), fn))
+
+    def vec(key):
+        return lambda g: g(key).reshape(-1)
+
+    def same(key):
+        return lambda g: g(key)
+
+    def tr(key):
+        return lambda g: g(key).t()
+
+    add("token_embd.weight", (V, C), same("emb.weight"))
+    add("token_embd_norm.weight", (C,), vec("blocks.0.ln0.weight"))
+    add("token_embd_norm.bias", (C,), vec("blocks.0.ln0.bias"))
+    for i in range(L):
+        b, s = f"blk.{i}.", f"blocks.{i}."
+        for gg, ours in (("attn_norm", "ln1"), ("attn_norm_2", "ln2")):
+            add(f"{b}{gg}.weight", (C,), vec(f"{s}{ours}.weight"))
+            add(f"{b}{gg}.bias", (C,), vec(f"{s}{ours}.bias"))
+        add(f"{b}time_mix_lerp_fused.weight", (6, 1, 1, C),
+            lambda g, s=s: torch.stack([g(f"{s}att.x_{c}").reshape(1, 1, C) for c in "rwkvag"]))
+        ranks = {"w": cfg.decay_lora, "a": cfg.iclr_lora, "v": cfg.value_lora, "g": cfg.gate_lora}
+        for x in "wavg":
+            src = "a" if (x == "v" and i == 0) else x      # layer 0: llama.cpp wants v0/v1/v2 = copies of a0/a1/a2
+            rank = ranks[src]
+            if x != "g":
+                add(f"{b}time_mix_{x}0.weight", (C,), vec(f"{s}att.{src}0"))
+            add(f"{b}time_mix_{x}1.weight", (rank, C), tr(f"{s}att.{src}1"))
+            add(f"{b}time_mix_{x}2.weight", (C, rank), tr(f"{s}att.{src}2"))
+        for x in ("k_k", "k_a", "r_k"):
+            add(f"{b}time_mix_{x}.weight", (C,), vec(f"{s}att.{x}"))
+        for x in ("key", "value", "receptance", "output"):
+            add(f"{b}time_mix_{x}.weight", (C, C), same(f"{s}att.{x}.weight"))
+        add(f"{b}time_mix_ln.weight", (C,), vec(f"{s}att.ln_x.weight"))
+        add(f"{b}time_mix_ln.bias", (C,), vec(f"{s}att.ln_x.bias"))
+        add(f"{b}channel_mix_lerp_k.weight", (C,), vec(f"{s}ffn.x_k"))
+        add(f"{b}channel_mix_key.weight", (F, C), same(f"{s}ffn.key.weight"))
+        add(f"{b}channel_mix_value.weight", (C, F), same(f"{s}ffn.value.weight"))
+    add("output_norm.weight", (C,), vec("ln_out.weight"))
+    add("output_norm.bias", (C,), vec("ln_out.bias"))
+    add("output.weight", (V, C), same("head.weight"))
+    return plan
+
+
+def tensor_qtype(name: str, shape: tuple[int, ...], ftype):
+    """llama.cpp's dtype policy (conversion/base.py prepare_tensors): 1-D, norms, biases, w1/w2 and the fused lerp stay
+    F32; other matrices take the file type; a row length that is not a multiple of the Q8_0 block falls back to F16."""
+    gguf = require_gguf()
+    Q = gguf.GGMLQuantizationType
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name.endswith(_FORCED_F32):
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[ftype][0]
+    if block > 1 and shape[-1] % block:
+        return Q.F16
+    return ftype
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
+    gguf = require_gguf()
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+def _quantize(t: torch.Tensor, qtype) -> np.ndarray:
+    gguf = require_gguf()
+    Q = gguf.GGMLQuantizationType
+    t = t.detach().contiguous()
+    if qtype == Q.F16 and t.dtype == torch.float16:
+        return t.numpy()
+    if qtype == Q.BF16 and t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint8)
+    return gguf.quants.quantize(t.float().numpy(), qtype)
+
+
+def file_type_of(qtype) -> int:
+    gguf = require_gguf()
+    Q, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    return {Q.F32: FT.ALL_F32, Q.F16: FT.MOSTLY_F16, Q.BF16: FT.MOSTLY_BF16, Q.Q8_0: FT.MOSTLY_Q8_0}[qtype]
+
+
+def write_gguf(path: str | Path, cfg: ModelConfig, get: Getter, *, ftype, tokenizer: TokenizerData | None,
+               name: str = "", progress: Callable[[int], None] | None = None) -> list[tuple[str, str, tuple]]:
+    """Write a GGUF tensor by tensor (one tensor in memory at a time). Returns (name, type, numpy shape) per tensor."""
+    gguf = require_gguf()
+    if cfg.dim_att != cfg.n_embd:
+        raise ModelLoadError(f"llama.cpp's rwkv7 needs n_head * head_size == n_embd; this model has "
+                             f"{cfg.n_head} x {cfg.head_size} != {cfg.n_embd}")
+    w = gguf.GGUFWriter(str(path), ARCH)
+    if name:
+        w.add_name(name)
+    w.add_context_length(CONTEXT_LENGTH)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_layer_norm_eps(LAYER_NORM_EPS)
+    w.add_wkv_head_size(cfg.head_size)
+    w.add_decay_lora_rank(cfg.decay_lora)
+    w.add_iclr_lora_rank(cfg.iclr_lora)
+    w.add_value_residual_mix_lora_rank(cfg.value_lora)
+    w.add_gate_lora_rank(cfg.gate_lora)
+    w.add_feed_forward_length(cfg.dim_ffn)
+    w.add_head_count(0)                     # required by llama.cpp, unused
+    w.add_token_shift_count(2)              # the rwkv7 graph asserts 2; written explicitly, not left to a default
+    w.add_file_type(file_type_of(ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(w, tokenizer, cfg.vocab_size)
+    plan = [(n, shape, fn, tensor_qtype(n, shape, ftype)) for n, shape, fn in tensor_plan(cfg)]
+    for n, shape, _, qtype in plan:
+        w.add_tensor_info(n, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for n, shape, fn, qtype in plan:
+            t = fn(get)
+            if tuple(t.shape) != shape:
+                raise ModelLoadError(f"tensor {n}: built shape {list(t.shape)}, expected {list(shape)}")
+            data = _quantize(t, qtype)
+            w.write_tensor_data(data)
+            if progress is not None:
+                progress(data.nbytes)
+            del t, data
+    finally:
+        w.close()
+    return [(n, qtype.name, shape) for n, shape, _, qtype in plan]
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def add_tokenizer(w, tok: TokenizerData | None, vocab_size: int) -> None:
+    gguf = require_gguf()
+    TT = gguf.TokenType
+    if tok is None:
+        w.add_tokenizer_model("none")
+        w.add_vocab_size(vocab_size)
+        return
+    if tok.n_ids > vocab_size:
+        raise ModelLoadError(f"tokenizer {tok.source} uses ids up to {tok.n_ids - 1} but the model's vocabulary has "
+                             f"only {vocab_size} rows; pass --tokenizer none or the model's own tokenizer")
+    tokens: list[str] = []
+    types: list[int] = []
+    if tok.kind == "world":
+        vocab = tok.world_vocab
+        for i in range(vocab_size):
+            if i == 0:
+                tokens.append("<s>"), types.append(TT.CONTROL)
+            elif i in vocab:
+                tokens.append(escape_rwkv_token(vocab[i])), types.append(TT.NORMAL)
+            else:
+                tokens.append(f"[PAD{i}]"), types.append(TT.UNUSED)
+        w.add_tokenizer_model("rwkv")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
+        eot = next((i for i, t in vocab.items() if t == b"\n\n"), None)
+        if eot is not None:
+            w.add_eot_token_id(eot)          # llama.cpp's "hack" so chat stops at a blank line
+        w.add_chat_template(CHAT_TEMPLATE)
+        return
+    spec = json.loads(tok.hf_json)
+    model = spec["model"]
+    types_in = _component_types(spec.get("pre_tokenizer")) | _component_types(spec.get("decoder"))
+    if model.get("type") != "BPE" or "ByteLevel" not in types_in:
+        raise ModelLoadError(f"tokenizer {tok.source}: only byte-level BPE tokenizer.json files can be embedded in "
+                             f"GGUF (found model type {model.get('type')!r}); pass --tokenizer none")
+    vocab_by_id = {i: t for t, i in model["vocab"].items()}
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    for i in range(vocab_size):
+        if i in added:
+            tokens.append(added[i]["content"])
+            types.append(TT.CONTROL if added[i].get("special") else TT.USER_DEFINED)
+        elif i in vocab_by_id:
+            tokens.append(vocab_by_id[i]), types.append(TT.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]"), types.append(TT.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eot = _bpe_eot(spec, tok)
+    if eot is not None:
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
+    w.add_add_bos_token(False)
+    config = json.loads(tok.extra_files.get("tokenizer_config.json", "{}") or "{}")
+    w.add_chat_template(config.get("chat_template") if isinstance(config.get("chat_template"), str)
+                        else CHAT_TEMPLATE)
+    w.add_string(gguf.Keys.Tokenizer.HF_JSON, tok.hf_json)   # the exact file, for export back
+
+
+GPT2_SPLIT = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+
+
+def bpe_pretokenizer_note(tok: TokenizerData | None) -> str | None:
+    """A warning when a BPE tokenizer splits text with a regex other than GPT-2's, which llama.cpp will use
+    (tokenizer.ggml.pre = "gpt-2"): token ids then still match, but llama.cpp may tokenize some text differently."""
+    if tok is None or tok.kind != "bpe":
+        return None
+    pre = json.loads(tok.hf_json).get("pre_tokenizer") or {}
+    patterns = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Split":
+                pattern = node.get("pattern", {})
+                patterns.append(pattern.get("Regex", pattern.get("String")) if isinstance(pattern, dict) else pattern)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(pre)
+    if all(p == GPT2_SPLIT for p in patterns):
+        return None
+    return (f"note: {tok.source} pre-tokenizes with {patterns[0]!r}; llama.cpp will use the GPT-2 regex "
+            f"(tokenizer.ggml.pre = 'gpt-2'), so its own tokenization of some text (e.g. runs of newlines) can differ")
+
+
+def _bpe_eot(spec: dict, tok: TokenizerData) -> int | None:
+    by_content = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    by_content.update({k: v for k, v in spec["model"]["vocab"].items() if k in _EOT_TEXT})
+    eos = json.loads(tok.extra_files.get("tokenizer_config.json", "{}") or "{}").get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    for text in ([eos] if isinstance(eos, str) else []) + list(_EOT_TEXT):
+        if text in by_content:
+            return by_content[text]
+    return None
+
+
+def _component_types(node) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["type"]} if isinstance(node.get("type"), str) else set()
+        for value in node.values():
+            found |= _component_types(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*map(_component_types, node)) if node else set()
+    return set()
+
+
+# ----------------------------------------------------------------------------------------------- reading
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+class _Tensor(NamedTuple):
+    name: str
+    tensor_type: object        # gguf.GGMLQuantizationType
+    shape: list[int]           # ggml order (innermost first)
+    data: np.ndarray           # numpy order; uint8 bytes for quantized types
+
+
+class GGUFFile:
+    """A minimal little-endian GGUF v2/v3 parser: metadata as Python values, tensors as memory-mapped numpy views.
+
+    gguf-py's GGUFReader builds a numpy view for every element of every array (seconds for a 65536-token vocab);
+    this reads the same structure with struct in a single pass. Raises ModelLoadError naming the file on bad input.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{self.path}: cannot read this GGUF file: {exc}") from None
+        self._buf = memoryview(self._mm)
+        try:
+            self._parse()
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError, OverflowError) as exc:
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{self.path}: cannot read this GGUF file (truncated or corrupt?): "
+                                 f"{exc}") from None
+
+    def _parse(self) -> None:
+        gguf = require_gguf()
+        if bytes(self._buf[:4]) != b"GGUF":
+            raise ModelLoadError(f"{self.path}: cannot read this GGUF file: not GGUF (bad magic "
+                                 f"{bytes(self._buf[:4])!r})")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", self._buf, 4)
+        if version not in (2, 3):
+            raise ModelLoadError(f"{self.path}: cannot read this GGUF file: unsupported GGUF version {version} "
+                                 f"(big-endian files are not supported)")
+        self._off = 24
+        self.fields: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = self._str()
+            self.fields[key] = self._value(self._u32())
+        infos = []
+        for _ in range(n_tensors):
+            name = self._str()
+            n_dims = self._u32()
+            dims = list(struct.unpack_from(f"<{n_dims}Q", self._buf, self._off))
+            self._off += 8 * n_dims
+            ttype, offset = struct.unpack_from("<IQ", self._buf, self._off)
+            self._off += 12
+            infos.append((name, dims, ttype, offset))
+        align = int(self.fields.get("general.alignment", 32))
+        start = -(-self._off // align) * align
+        self.tensors: list[_Tensor] = []
+        seen = set()
+        for name, dims, ttype, offset in infos:
+            if name in seen:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} appears twice")
+            seen.add(name)
+            try:
+                qtype = gguf.GGMLQuantizationType(ttype)
+            except ValueError:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has unknown ggml type {ttype}") from None
+            np_shape = tuple(reversed(dims))
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            n_bytes = int(np.prod(np_shape, dtype=np.int64)) // block * size
+            begin = start + offset
+            if begin + n_bytes > len(self._mm):
+                raise ModelLoadError(f"{self.path}: cannot read this GGUF file: tensor {name!r} lies past the "
+                                     f"end of the file (truncated?)")
+            raw = self._mm[begin:begin + n_bytes]
+            plain = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
+                     gguf.GGMLQuantizationType.F64: np.float64}.get(qtype)
+            data = raw.view(plain).reshape(np_shape) if plain is not None else \
+                raw.reshape(gguf.quants.quant_shape_to_byte_shape(np_shape, qtype))
+            self.tensors.append(_Tensor(name, qtype, dims, data))
+
+    def _u32(self) -> int:
+        (v,) = struct.unpack_from("<I", self._buf, self._off)
+        self._off += 4
+        return v
+
+    def _str(self) -> str:
+        (n,) = struct.unpack_from("<Q", self._buf, self._off)
+        end = self._off + 8 + n
+        if end > len(self._buf):
+            raise ValueError("string runs past the end of the file")
+        text = bytes(self._buf[self._off + 8:end]).decode("utf-8")
+        self._off = end
+        return text
+
+    def _value(self, vtype: int):
+        if vtype == 8:
+            return self._str()
+        if vtype in _SCALARS:
+            fmt = _SCALARS[vtype]
+            (v,) = struct.unpack_from(fmt, self._buf, self._off)
+            self._off += struct.calcsize(fmt)
+            return v
+        if vtype == 9:
+            sub = self._u32()
+            (count,) = struct.unpack_from("<Q", self._buf, self._off)
+            self._off += 8
+            if sub in _NP:
+                dt = np.dtype(_NP[sub])
+                values = np.frombuffer(self._buf, dtype=dt, count=count, offset=self._off).tolist()
+                self._off += dt.itemsize * count
+                return values
+            return [self._value(sub) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+_GLOBAL = {"token_embd.weight": "emb.weight", "token_embd_norm.weight": "blocks.0.ln0.weight",
+           "token_embd_norm.bias": "blocks.0.ln0.bias", "output_norm.weight": "ln_out.weight",
+           "output_norm.bias": "ln_out.bias", "output.weight": "head.weight"}
+_LAYER = {  # GGUF name within blk.i -> (BlinkDL name within blocks.i, transform)
+    "attn_norm.weight": ("ln1.weight", None), "attn_norm.bias": ("ln1.bias", None),
+    "attn_norm_2.weight": ("ln2.weight", None), "attn_norm_2.bias": ("ln2.bias", None),
+    "time_mix_k_k.weight": ("att.k_k", "vec"), "time_mix_k_a.weight": ("att.k_a", "vec"),
+    "time_mix_r_k.weight": ("att.r_k", "rk"),
+    "time_mix_key.weight": ("att.key.weight", None), "time_mix_value.weight": ("att.value.weight", None),
+    "time_mix_receptance.weight": ("att.receptance.weight", None),
+    "time_mix_output.weight": ("att.output.weight", None),
+    "time_mix_ln.weight": ("att.ln_x.weight", None), "time_mix_ln.bias": ("att.ln_x.bias", None),
+    "channel_mix_lerp_k.weight": ("ffn.x_k", "vec"),
+    "channel_mix_key.weight": ("ffn.key.weight", None), "channel_mix_value.weight": ("ffn.value.weight", None),
+}
+for _x in "wavg":
+    for _j, _how in (("0", "vec"), ("1", "t"), ("2", "t")):
+        if not (_x == "g" and _j == "0"):
+            _LAYER[f"time_mix_{_x}{_j}.weight"] = (f"att.{_x}{_j}", _how)
+
+
+class GGUFCheckpoint:
+    """A GGUF rwkv7 file opened lazily (memory-mapped): BlinkDL names, meta tensors, and one tensor at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.reader = GGUFFile(self.path)
+        arch = self.field("general.architecture")
+        if arch != ARCH:
+            raise ModelLoadError(f"{self.path}: general.architecture is {arch!r}; only RWKV-7 GGUF files "
+                                 f"(architecture 'rwkv7') are supported")
+        self.head_size = self.field(f"{ARCH}.wkv.head_size")
+        if not isinstance(self.head_size, int) or self.head_size <= 0:
+            raise ModelLoadError(f"{self.path}: missing or invalid metadata key {ARCH}.wkv.head_size")
+        shift = self.field(f"{ARCH}.token_shift_count")
+        if shift not in (None, 2):
+            raise ModelLoadError(f"{self.path}: {ARCH}.token_shift_count is {shift}; RWKV-7 needs 2")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self._how: dict[str, tuple[str, object]] = {}
+        self.meta: dict[str, torch.Tensor] = {}
+        for gname, t in self.tensors.items():
+            for key, how in self._map(gname):
+                self._how[key] = (gname, how)
+                np_shape = tuple(int(d) for d in reversed(t.shape))
+                self.meta[key] = self._transform(torch.empty(np_shape, device="meta", dtype=self._dtype(t)), how)
+
+    def field(self, key: str):
+        return self.reader.fields.get(key)
+
+    def _map(self, gname: str) -> list[tuple[str, object]]:
+        if gname in _GLOBAL:
+            return [(_GLOBAL[gname], None)]
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", gname)
+        if m:
+            i, rest = m.groups()
+            if rest == "time_mix_lerp_fused.weight":
+                return [(f"blocks.{i}.att.x_{c}", ("lerp", j)) for j, c in enumerate("rwkvag")]
+            if i == "0" and re.fullmatch(r"time_mix_v[012]\.weight", rest):
+                return []                    # llama.cpp's layer-0 placeholders (copies of a0/a1/a2): unused
+            if rest in _LAYER:
+                key, how = _LAYER[rest]
+                return [(f"blocks.{i}.{key}", how)]
+        raise ModelLoadError(f"{self.path}: unexpected tensor {gname!r} for an RWKV-7 GGUF")
+
+    def _dtype(self, t) -> torch.dtype:
+        Q = require_gguf().GGMLQuantizationType
+        return {Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(t.tensor_type, torch.float32)
+
+    def _transform(self, t: torch.Tensor, how) -> torch.Tensor:
+        if how is None:
+            return t
+        if how == "vec":
+            return t.reshape(1, 1, -1)
+        if how == "t":
+            if t.dim() != 2:
+                raise ModelLoadError(f"{self.path}: a LoRA matrix has shape {list(t.shape)}, expected 2 dimensions")
+            return t.t()
+        if how == "rk":
+            if t.numel() % self.head_size:
+                raise ModelLoadError(f"{self.path}: time_mix_r_k has {t.numel()} values, not a multiple of "
+                                     f"head size {self.head_size}")
+            return t.reshape(-1, self.head_size)
+        _, j = how
+        if t.numel() % 6:
+            raise ModelLoadError(f"{self.path}: time_mix_lerp_fused has shape {list(t.shape)}; expected 6 mixes "
+                                 f"(r, w, k, v, a, g)")
+        return t.reshape(6, -1)[j].reshape(1, 1, -1)
+
+    def raw(self, gname: str) -> torch.Tensor:
+        """One GGUF tensor as torch in numpy order: F32/F16/BF16 as stored, quantized types dequantized to fp32."""
+        gguf = require_gguf()
+        Q = gguf.GGMLQuantizationType
+        t = self.tensors[gname]
+        np_shape = tuple(int(d) for d in reversed(t.shape))
+        if t.tensor_type in (Q.F32, Q.F16, Q.F64):
+            return torch.from_numpy(np.array(t.data)).reshape(np_shape)
+        if t.tensor_type == Q.BF16:
+            return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(np_shape)
+        try:
+            return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(np_shape)
+        except NotImplementedError:
+            raise ModelLoadError(f"{self.path}: tensor {gname!r} has type {t.tensor_type.name}, which gguf cannot "
+                                 f"dequantize") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        gname, how = self._how[key]
+        return self._transform(self.raw(gname), how).contiguous()
+
+    # ------------------------------------------------------------------------------------------- tokenizer
+    def tokenizer(self) -> TokenizerData | None:
+        """The embedded tokenizer, or None when the file has none (or one this project cannot use)."""
+        gguf = require_gguf()
+        src = f"{self.path} (embedded)"
+        hf_json = self.field(gguf.Keys.Tokenizer.HF_JSON)
+        if isinstance(hf_json, str):
+            return TokenizerData("bpe", hf_json=hf_json, source=src)
+        model = self.field(gguf.Keys.Tokenizer.MODEL)
+        if model not in ("rwkv", "gpt2"):
+            return None
+        tokens = self.field(gguf.Keys.Tokenizer.LIST) or []
+        types = self.field(gguf.Keys.Tokenizer.TOKEN_TYPE) or [1] * len(tokens)
+        TT = gguf.TokenType
+        if model == "rwkv":
+            vocab = {i: unescape_rwkv_token(t) for i, (t, ty) in enumerate(zip(tokens, types))
+                     if i > 0 and ty == TT.NORMAL}
+            return TokenizerData("world", world_vocab=vocab, source=src)
+        merges = self.field(gguf.Keys.Tokenizer.MERGES) or []
+        vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == TT.NORMAL}
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": ty == TT.CONTROL}
+                 for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TT.CONTROL, TT.USER_DEFINED)]
+        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                  "use_regex": True},
+                "post_processor": None,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                          "vocab": vocab, "merges": merges}}
+        return TokenizerData("bpe", hf_json=json.dumps(spec, ensure_ascii=False), source=src)
+
+
+def read_gguf(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an RWKV-7 GGUF in BlinkDL names and shapes (quantized tensors dequantized to fp32)."""
+    ck = GGUFCheckpoint(path)
+    return {key: ck.get(key) for key in ck.meta}
