@@ -1,5 +1,5 @@
 """Concurrency benchmark: aggregate decode tokens/s and time-to-first-token of the AsyncEngine at 1..128
-concurrent generations, and TTFT with a cached 2,000-token prefix vs a cold one; the official rwkv
+concurrent generations (temperature-1 sampling, seeded), and TTFT with a cached 2,000-token prefix vs a cold one; the official rwkv
 package's single-stream decode is measured in the same run as the yardstick.
 
     python -m bench.concurrency [--dtypes fp32,bf16] [--levels 1,8,32,64,128] [--tokens 32]
@@ -48,7 +48,7 @@ async def _level(model, tok, concurrency: int, tokens: int, prompt_len: int) -> 
     eng.start()
     try:
         ttfts: list[float] = []
-        params = SamplingParams(max_tokens=tokens, temperature=1.0, top_p=0.9, ignore_eos=True)
+        params = SamplingParams(max_tokens=tokens, temperature=1.0, ignore_eos=True)   # plain sampling
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(
             _one(eng, GenerateRequest(_prompt(prompt_len, i), SamplingParams(**{**params.__dict__, "seed": i})),

@@ -287,8 +287,14 @@ class AsyncEngine:
         for gid in self.scheduler.admit():
             self._begin(self._groups[gid])
         plan = self.scheduler.plan()
-        for gid, ntok in plan.prefill:
-            self._prefill(self._groups[gid], ntok)
+        by_length: dict[int, list[_Group]] = {}
+        for gid, ntok in plan.prefill:                 # equal-length chunks share one batched forward
+            by_length.setdefault(ntok, []).append(self._groups[gid])
+        for ntok, groups in by_length.items():
+            if len(groups) == 1:
+                self._prefill(groups[0], ntok)
+            else:
+                self._prefill_batch(groups, ntok)
         if plan.decode:
             self._decode([self._groups[g] for g in plan.decode if g in self._groups])
         if self._embed_jobs:
@@ -330,16 +336,49 @@ class AsyncEngine:
             chunk = torch.tensor([prompt[start:end]], device=self.model.device)
             want_all = g.prompt_logprobs is not None
             logits, _ = self.model.forward(chunk, self.pool.view(g.key(0)), full_output=want_all)
-            if want_all:
-                self._collect_prompt_logprobs(g, logits[0], start, end)
-                logits = logits[:, -1]
-            if self.cache.enabled and (end == len(prompt) or end % self.config.prefix_cache_interval == 0):
-                self.cache.insert(prompt[:end], self.pool.view(g.key(0)))
         except Exception as exc:                       # this request's data broke the step: fail it alone
             self._fail(g, exc)
             return
-        if self.scheduler.prefilled(g.id, ntok):
-            self._start_decoding(g, logits)
+        self._after_prefill(g, logits[:, -1] if want_all else logits, start, end, logits[0] if want_all else None)
+
+    def _after_prefill(self, g: _Group, last_logits: torch.Tensor, start: int, end: int,
+                       all_logits: torch.Tensor | None) -> None:
+        """Prompt logprobs, prefix-cache snapshots, and the first tokens once the whole prompt is in."""
+        prompt = g.request.prompt_tokens
+        try:
+            if all_logits is not None:
+                self._collect_prompt_logprobs(g, all_logits, start, end)
+            if self.cache.enabled and (end == len(prompt) or end % self.config.prefix_cache_interval == 0):
+                self.cache.insert(prompt[:end], self.pool.view(g.key(0)))
+        except Exception as exc:
+            self._fail(g, exc)
+            return
+        if self.scheduler.prefilled(g.id, end - start):
+            self._start_decoding(g, last_logits)
+
+    def _prefill_batch(self, groups: list[_Group], ntok: int) -> None:
+        """One forward for several prompts' chunks of the same length, on a copy of their state rows.
+
+        If the batched forward fails, nothing was written back, and each prompt is retried on its own so a
+        failure stays with the request that caused it."""
+        rows = torch.tensor([self.pool.row_of(g.key(0)) for g in groups], device=self.model.device)
+        starts = [self.scheduler.groups[g.id].position for g in groups]
+        want_all = any(g.prompt_logprobs is not None for g in groups)
+        try:
+            tokens = torch.tensor([g.request.prompt_tokens[s:s + ntok] for g, s in zip(groups, starts)],
+                                  device=self.model.device)
+            state = self.pool.state.index_select(rows)
+            logits, state = self.model.forward(tokens, state, full_output=want_all)
+        except Exception:
+            log.warning("batched prefill of %d prompts failed; retrying them one by one", len(groups))
+            for g in groups:
+                self._prefill(g, ntok)
+            return
+        self.pool.state.index_copy_(rows, state)
+        for j, (g, start) in enumerate(zip(groups, starts)):
+            row_logits = logits[j:j + 1]
+            self._after_prefill(g, row_logits[:, -1] if want_all else row_logits, start, start + ntok,
+                                row_logits[0] if g.prompt_logprobs is not None else None)
 
     def _collect_prompt_logprobs(self, g: _Group, logits: torch.Tensor, start: int, end: int) -> None:
         prompt = g.request.prompt_tokens
