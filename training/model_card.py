@@ -2,9 +2,13 @@
 
     python -m training.model_card [MODEL_DIR]
 
-Samples come from the *training-side* model (``training.model.RWKV7`` loaded from ``model.safetensors``), run
-from a zero state with a full-sequence forward per generated token; prompts are preceded by ``<|endoftext|>``
-(id 0), as every training document is. Greedy decoding and seeded sampling (temperature 0.8, top-p 0.9).
+    python -m training.model_card --serve [MODEL_DIR]     # samples through `goose serve` over HTTP (the card's)
+
+With ``--serve``, the samples come from the server: ``goose serve`` is started on a free loopback port with the
+model directory, the prose prompt goes to /v1/completions and the chat prompt to /v1/chat/completions, greedy
+(temperature 0) and sampled (temperature 0.8, top-p 0.9, seed 0). Without it they come from the training-side
+model (``training.model.RWKV7``), full-sequence forward per token from a zero state. Either way prompts are
+preceded by ``<|endoftext|>`` (id 0), as every training document is.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import torch
 from training.eval import DEFAULT_MODEL_DIR
 
 PROSE_PROMPT = "The next morning, Elizabeth"
-CHAT_PROMPT = "User: What do you think of Mr. Darcy?\n\nAssistant:"
+CHAT_QUESTION = "What do you think of Mr. Darcy?"
+CHAT_PROMPT = f"User: {CHAT_QUESTION}\n\nAssistant:"
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TOP_P = 0.9
 SAMPLE_SEED = 0
@@ -53,11 +58,72 @@ def generate_samples(model_dir: Path = DEFAULT_MODEL_DIR, prose_tokens: int = 12
     return out
 
 
+def generate_samples_http(base_url: str, prose_tokens: int = 120, chat_tokens: int = 80) -> dict:
+    """The same four samples through a running `goose serve` (OpenAI-compatible HTTP API)."""
+    import httpx
+
+    out = {}
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        for mode in ("greedy", "sampled"):
+            knobs = ({"temperature": 0} if mode == "greedy" else
+                     {"temperature": SAMPLE_TEMPERATURE, "top_p": SAMPLE_TOP_P, "seed": SAMPLE_SEED})
+            r = http.post("/v1/completions", json={"prompt": "<|endoftext|>" + PROSE_PROMPT,
+                                                    "max_tokens": prose_tokens, **knobs})
+            r.raise_for_status()
+            out[f"prose_{mode}"] = {"prompt": PROSE_PROMPT, "completion": r.json()["choices"][0]["text"]}
+            r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": CHAT_QUESTION}],
+                                                         "max_tokens": chat_tokens, **knobs})
+            r.raise_for_status()
+            choice = r.json()["choices"][0]
+            out[f"chat_{mode}"] = {"prompt": CHAT_PROMPT, "completion": choice["message"]["content"],
+                                   "finish_reason": choice["finish_reason"]}
+    return out
+
+
+def samples_from_server(model_dir: Path) -> dict:
+    """Start `goose serve` on a free loopback port for ``model_dir``, collect the samples, stop it (SIGTERM)."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port)],
+                            env={**os.environ, "GOOSE_CONFIG": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"goose serve exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        return generate_samples_http(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def _quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in text.split("\n"))
 
 
-def render_card(meta: dict, samples: dict) -> str:
+SERVED = ("These come from `goose serve` over HTTP (`python -m training.model_card --serve`): the prose prompt "
+          "through `/v1/completions` (preceded by `<|endoftext|>`), the chat question through "
+          "`/v1/chat/completions` with the model's chat template.")
+TRAIN_SIDE = ("These come from the training-side model (`training/model.py`, full-sequence forward from a zero "
+              "state, prompt preceded by `<|endoftext|>`).")
+
+
+def render_card(meta: dict, samples: dict, served: bool = False) -> str:
     t = meta["training"]
     hp = t.get("hyperparameters", {})
     L, C, N, V, F = t["n_layer"], t["n_embd"], t["head_size"], t["vocab_size"], t["dim_ffn"]
@@ -130,10 +196,8 @@ def render_card(meta: dict, samples: dict) -> str:
         "",
         "## Samples",
         "",
-        "These come from the training-side model (`training/model.py`, full-sequence forward from a zero state, "
-        "prompt preceded by `<|endoftext|>`), not from the server; they will be regenerated through the server's "
-        "API. \"Sampled\" is temperature "
-        f"{SAMPLE_TEMPERATURE}, top-p {SAMPLE_TOP_P}, torch seed {SAMPLE_SEED}.",
+        (SERVED if served else TRAIN_SIDE) + " \"Sampled\" is temperature "
+        f"{SAMPLE_TEMPERATURE}, top-p {SAMPLE_TOP_P}, seed {SAMPLE_SEED}.",
         "",
     ]
     for kind, title in (("prose", "Prose"), ("chat", "Chat")):
@@ -165,16 +229,17 @@ def render_card(meta: dict, samples: dict) -> str:
     return "\n".join(lines)
 
 
-def write_card(model_dir: Path = DEFAULT_MODEL_DIR) -> Path:
+def write_card(model_dir: Path = DEFAULT_MODEL_DIR, served: bool = False) -> Path:
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / "goose.json").read_text())
-    samples = generate_samples(model_dir)
+    samples = samples_from_server(model_dir) if served else generate_samples(model_dir)
     (model_dir / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
     path = model_dir / "README.md"
-    path.write_text(render_card(meta, samples))
+    path.write_text(render_card(meta, samples, served=served))
     return path
 
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    print(write_card(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MODEL_DIR))
+    args = [a for a in sys.argv[1:] if a != "--serve"]
+    print(write_card(Path(args[0]) if args else DEFAULT_MODEL_DIR, served="--serve" in sys.argv[1:]))
