@@ -499,15 +499,24 @@ N32_ON_AVX512 = pytest.mark.xfail(_avx512(), strict=False,
 @pytest.mark.parametrize("head_size", [64, pytest.param(32, marks=N32_ON_AVX512)])
 def test_llamacpp_small_model_matches(tmp_path, capsys, head_size):
     pytest.importorskip("llama_cpp")
-    trained = sorted(p for p in AUSTEN_TOKENIZER.parent.glob("*") if p.suffix in (".pth", ".safetensors"))
-    if trained and head_size == 32:                # the default model (head size 32) once it is trained
-        ckpt = trained[0]
-    else:
-        ckpt = tmp_path / "small.pth"
-        C = 192 if head_size == 32 else 256
-        write_checkpoint(ckpt, CheckpointShape(n_layer=4, n_embd=C, head_size=head_size, vocab_size=4096,
-                                               decay_lora=32, iclr_lora=32, value_lora=32, gate_lora=32,
-                                               logit_scale=4.0), seed=1)
+    ckpt = tmp_path / "small.pth"
+    C = 192 if head_size == 32 else 256
+    write_checkpoint(ckpt, CheckpointShape(n_layer=4, n_embd=C, head_size=head_size, vocab_size=4096,
+                                           decay_lora=32, iclr_lora=32, value_lora=32, gate_lora=32,
+                                           logit_scale=4.0), seed=1)
+    _llamacpp_check(tmp_path, ckpt, capsys)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not (AUSTEN_TOKENIZER.parent / "model.safetensors").exists(), reason="default model not present")
+def test_llamacpp_default_model_matches(tmp_path, capsys):
+    """The shipped default model, exported to GGUF with its BPE tokenizer, runs in llama.cpp to the same logits."""
+    pytest.importorskip("llama_cpp")
+    _llamacpp_check(tmp_path, AUSTEN_TOKENIZER.parent / "model.safetensors", capsys)
+
+
+def _llamacpp_check(tmp_path, ckpt, capsys):
+    head_size = load_model(ckpt).config.head_size
     tok = ["--tokenizer", str(AUSTEN_TOKENIZER)] if AUSTEN_TOKENIZER.exists() else ["--tokenizer", "none"]
     assert convert_main([str(ckpt), str(tmp_path / "small.gguf"), "--dtype", "fp32", "-q", *tok]) == 0
     prompt = [(i * 7919 + 13) % load_model(ckpt).config.vocab_size for i in range(64)]
