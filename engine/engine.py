@@ -71,17 +71,41 @@ class _EmbedJob:
 
 
 class _Sink:
-    """Delivers items from the engine thread to one asyncio consumer."""
+    """One asyncio consumer's queue. The engine thread puts items into its outbox; the outbox hands a whole
+    step's items to each event loop in one call, so a step wakes the loop once, not once per request."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: "_Outbox"):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self._outbox = outbox
 
     def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:          # the event loop is closed: nobody is listening any more
-            pass
+        self._outbox.items.append((self, item))
+
+
+class _Outbox:
+    """Items produced by the engine thread since the last flush (touched by the engine thread only)."""
+
+    def __init__(self):
+        self.items: list[tuple[_Sink, object]] = []
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for sink, item in self.items:
+            by_loop.setdefault(sink.loop, []).append((sink, item))
+        self.items = []
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, batch)
+            except RuntimeError:      # the event loop is closed: nobody is listening any more
+                pass
+
+
+def _hand_over(batch) -> None:
+    for sink, item in batch:
+        sink.queue.put_nowait(item)
 
 
 class RequestStream:
@@ -137,6 +161,7 @@ class AsyncEngine:
         self._error: BaseException | None = None
         self._counters = collections.Counter()
         self._published = (0, 0, 0)                 # (running, waiting, slots used), written by the loop
+        self._outbox = _Outbox()
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -173,7 +198,7 @@ class AsyncEngine:
         """Admit a request or raise (InvalidRequest, Overloaded, EngineDraining, EngineDead) before any token."""
         self._check_admissible()
         self._validate(request)
-        sink = _Sink(asyncio.get_running_loop())
+        sink = _Sink(asyncio.get_running_loop(), self._outbox)
         with self._lock:
             if request.request_id in self._groups or any(
                     item[0] == "add" and item[1].id == request.request_id for item in self._inbox):
@@ -212,7 +237,7 @@ class AsyncEngine:
         with self._lock:
             if len(self._embed_jobs) >= self.config.max_waiting:
                 raise Overloaded("too many embedding requests waiting; retry later", retry_after=1.0)
-            job = _EmbedJob([list(x) for x in inputs], pooling, _Sink(asyncio.get_running_loop()))
+            job = _EmbedJob([list(x) for x in inputs], pooling, _Sink(asyncio.get_running_loop(), self._outbox))
             self._inbox.append(("embed", job))
         self._wake.set()
         item = await job.sink.queue.get()
@@ -264,7 +289,7 @@ class AsyncEngine:
             with torch.inference_mode():
                 while True:
                     self._drain_inbox()
-                    self._publish()
+                    self._publish_and_flush()
                     if self._stopping and not self._groups:
                         break
                     if not self.scheduler.groups and not self._embed_jobs:
@@ -272,14 +297,17 @@ class AsyncEngine:
                         self._wake.clear()
                         continue
                     self.step()
-                    self._publish()
+                    self._publish_and_flush()
         except BaseException as exc:            # the loop itself died: fail everyone, report dead
             log.exception("engine step loop died")
             self._error = exc
             self._fail_all(EngineDead(f"the engine stopped: {type(exc).__name__}"))
+            self._outbox.flush()
 
-    def _publish(self) -> None:
+    def _publish_and_flush(self) -> None:
+        """Stats first, then the outputs: a consumer woken by its last output sees its slots freed."""
         self._published = (self.scheduler.running_seqs, self.scheduler.waiting_seqs, self.pool.used)
+        self._outbox.flush()
 
     def step(self) -> None:
         """One step: admit, schedule, run the model, sample, deliver."""
@@ -493,7 +521,6 @@ class AsyncEngine:
                 self._release_seq(g, s)
         if done:
             self._groups.pop(g.id, None)
-        self._publish()                                  # stats are current when the consumer wakes up
         g.sink.put(out)
 
     def _release_seq(self, g: _Group, s: _Seq) -> None:
@@ -514,7 +541,6 @@ class AsyncEngine:
             return
         self._counters["aborted"] += 1
         self._drop(g)
-        self._publish()
         g.sink.put(RequestOutput(request_id=g.id, prompt_tokens=len(g.request.prompt_tokens), finished=True,
                                  outputs=[SequenceOutput(index=s.index, text="", token_ids=[],
                                                          finish_reason=FinishReason.ABORT,
