@@ -20,7 +20,8 @@ os.environ.setdefault("RWKV_V7_ON", "1")
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
-from bench.engine import bench_reference, machine_line  # noqa: E402
+from bench.engine import bench_reference  # noqa: E402
+from bench.machine import machine_line  # noqa: E402
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams, load_model, load_tokenizer  # noqa: E402
 from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
 

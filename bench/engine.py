@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("RWKV_V7_ON", "1")
 os.environ.setdefault("RWKV_JIT_ON", "1")
@@ -24,22 +22,9 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 import torch  # noqa: E402
 
+from bench.machine import machine_line  # noqa: E402, F401 (re-exported for the other benchmarks)
 from engine import load_model  # noqa: E402
 from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-    return (f"{cpu}, {os.cpu_count()} cores{' (AMX)' if amx else ''}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
 def timed(fn, repeats: int) -> float:

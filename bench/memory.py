@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         path, context, ref = args.child.split("|")
         print(json.dumps(_child(path, args.dtype, int(context), args.decode, ref == "1")))
         return 0
-    from bench.engine import machine_line
+    from bench.machine import machine_line
     from engine.random_checkpoint import SHAPE_0B1, write_checkpoint
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

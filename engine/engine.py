@@ -431,7 +431,7 @@ class AsyncEngine:
         if p.max_tokens == 0:
             for s in g.seqs:
                 s.finished = FinishReason.LENGTH
-            self._deliver(g, {s.index: [] for s in g.seqs}, None)
+            self._deliver(g, {s.index: [] for s in g.seqs})
             return
         self._sample_and_deliver([(g, s) for s in g.seqs], logits.expand(len(g.seqs), -1))
 
@@ -473,7 +473,7 @@ class AsyncEngine:
             by_group.setdefault(g.id, (g, {}))[1][s.index] = [(tok, lp)]
         for g, new in by_group.values():
             if g.id in self._groups:
-                self._deliver(g, new, None)
+                self._deliver(g, new)
 
     def _advance(self, g: _Group, s: _Seq, tok: int) -> None:
         """Record a sampled token and decide whether its sequence finishes."""
@@ -496,7 +496,7 @@ class AsyncEngine:
             if s.text.stopped:
                 s.finished = FinishReason.STOP
 
-    def _deliver(self, g: _Group, new: dict[int, list], error) -> None:
+    def _deliver(self, g: _Group, new: dict[int, list]) -> None:
         outputs = []
         for s in g.seqs:
             if s.index not in new:

@@ -18,6 +18,7 @@ import torch
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.hf_format import CHAT_TEMPLATE, TokenizerData
+from engine.tokenizer import component_types
 
 ARCH = "rwkv7"
 CONTEXT_LENGTH = 1048576              # RWKV is not context limited; llama.cpp's converter writes this
@@ -231,7 +232,7 @@ def add_tokenizer(w, tok: TokenizerData | None, vocab_size: int) -> None:
         return
     spec = json.loads(tok.hf_json)
     model = spec["model"]
-    types_in = _component_types(spec.get("pre_tokenizer")) | _component_types(spec.get("decoder"))
+    types_in = component_types(spec.get("pre_tokenizer")) | component_types(spec.get("decoder"))
     if model.get("type") != "BPE" or "ByteLevel" not in types_in:
         raise ModelLoadError(f"tokenizer {tok.source}: only byte-level BPE tokenizer.json files can be embedded in "
                              f"GGUF (found model type {model.get('type')!r}); pass --tokenizer none")
@@ -299,17 +300,6 @@ def _bpe_eot(spec: dict, tok: TokenizerData) -> int | None:
         if text in by_content:
             return by_content[text]
     return None
-
-
-def _component_types(node) -> set[str]:
-    if isinstance(node, dict):
-        found = {node["type"]} if isinstance(node.get("type"), str) else set()
-        for value in node.values():
-            found |= _component_types(value)
-        return found
-    if isinstance(node, list):
-        return set().union(*map(_component_types, node)) if node else set()
-    return set()
 
 
 # ----------------------------------------------------------------------------------------------- reading

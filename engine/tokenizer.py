@@ -59,13 +59,18 @@ class Tokenizer(abc.ABC):
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of text. Special-token strings are plain text unless allow_special is True."""
 
-    @abc.abstractmethod
+    _table: list[bytes]          # id -> raw bytes, filled by each subclass
+
     def id_to_token_bytes(self, token_id: int) -> bytes:
         """Raw bytes that token_id contributes to decoded text (b"" for special and padding ids)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is out of range [0, {self.vocab_size})")
+        return self._table[token_id]
 
-    @abc.abstractmethod
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Concatenated token bytes; raises ValueError naming the first out-of-range id."""
+        table = self._table
+        return b"".join([table[i] for i in _check_ids(ids, self.vocab_size)])
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids; invalid UTF-8 becomes U+FFFD."""
@@ -318,15 +323,6 @@ class WorldTokenizer(Tokenizer):
             self._trie = _build_trie(self._vocab)
         return _trie_encode(self._trie, data, self._max_len)
 
-    def id_to_token_bytes(self, token_id: int) -> bytes:
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is out of range [0, {self.vocab_size})")
-        return self._table[token_id]
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        table = self._table
-        return b"".join([table[i] for i in _check_ids(ids, self.vocab_size)])
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json
@@ -347,15 +343,15 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _component_types(node) -> set[str]:
+def component_types(node) -> set[str]:
     """All "type" names in a tokenizer.json component (decoders/pre-tokenizers nest in Sequence)."""
     if isinstance(node, dict):
         found = {node["type"]} if isinstance(node.get("type"), str) else set()
         for value in node.values():
-            found |= _component_types(value)
+            found |= component_types(value)
         return found
     if isinstance(node, list):
-        return set().union(*map(_component_types, node)) if node else set()
+        return set().union(*map(component_types, node)) if node else set()
     return set()
 
 
@@ -392,7 +388,7 @@ class HFTokenizer(Tokenizer):
 
     def _token_table(self, spec: dict, added: dict, n_ids: int) -> list[bytes]:
         """id -> raw bytes for all vocab_size ids (padding and special ids -> b"")."""
-        types = _component_types(spec.get("decoder")) | _component_types(spec.get("pre_tokenizer"))
+        types = component_types(spec.get("decoder")) | component_types(spec.get("pre_tokenizer"))
         byte_level = "ByteLevel" in types
         byte_fallback = "ByteFallback" in types
         metaspace = "Metaspace" in types or "▁" in json.dumps(spec.get("decoder"), ensure_ascii=False)
@@ -448,15 +444,6 @@ class HFTokenizer(Tokenizer):
             tok.encode_special_tokens = False
             self._tok_special = tok
         return self._tok_special
-
-    def id_to_token_bytes(self, token_id: int) -> bytes:
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is out of range [0, {self.vocab_size})")
-        return self._table[token_id]
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        table = self._table
-        return b"".join([table[i] for i in _check_ids(ids, self.vocab_size)])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ import asyncio
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 from engine import load_model

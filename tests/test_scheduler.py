@@ -1,5 +1,4 @@
 """Scheduler policy alone (no torch): admission, budgets, interleaving, alignment, removal."""
-import sys
 
 import pytest
 

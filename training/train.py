@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -181,17 +180,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    n = torch.get_num_threads()
-    return (f"{cpu}, {os.cpu_count()} cores (shared with other jobs), {n} torch thread{'s' if n > 1 else ''}, "
-            f"torch {torch.__version__}, fp32 eager")
+    from bench.machine import machine_line
+    return f"{machine_line()}, fp32 eager"
 
 
 def export_safetensors(state_dict: dict, path: Path, max_mb: float = 16, dtype: str = "auto") -> str:
