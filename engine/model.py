@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import kernels
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.linear import select_linear
 from engine.state import RNNState
 from engine.strategy import Strategy, parse_strategy, prepare_device
 from engine.weights import load_weights
@@ -22,15 +23,18 @@ SEQUENCE_BACKENDS = ("chunked", "reference")  # kernels usable for T > 1; decode
 
 @dataclass
 class LayerWeights:
-    """One block's tensors, prepared once: vectors fp32, matrices in the matmul dtype laid out as [in, out]."""
+    """One block's tensors, prepared once: vectors fp32, matrices in the matmul dtype laid out [out, in] for
+    ``linear(x, W)`` (the checkpoint's own layout for projections; the LoRA factors are transposed once)."""
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
-    att_mix: torch.Tensor                 # [6, 1, 1, C] fp32: x_r, x_k, x_v, x_w, x_a, x_g (r, k, v first)
-    w_rkv: torch.Tensor                   # [3, C, A] receptance, key, value
-    w_out: torch.Tensor                   # [A, C]
+    att_mix: torch.Tensor                 # [6, 1, 1, C] fp32: x_r, x_k, x_v, x_w, x_a, x_g
+    w_r: torch.Tensor                     # [A, C] receptance
+    w_k: torch.Tensor                     # [A, C] key
+    w_v: torch.Tensor                     # [A, C] value
+    w_out: torch.Tensor                   # [C, A]
     w0: torch.Tensor                      # [A] fp32
-    w1: torch.Tensor                      # [C, Dw]
-    w2: torch.Tensor                      # [Dw, A]
+    w1: torch.Tensor                      # [Dw, C]
+    w2: torch.Tensor                      # [A, Dw]
     a0: torch.Tensor
     a1: torch.Tensor
     a2: torch.Tensor
@@ -44,15 +48,15 @@ class LayerWeights:
     r_k: torch.Tensor                     # [H, N] fp32
     ln_x: tuple[torch.Tensor, torch.Tensor]
     ffn_mix: torch.Tensor                 # [C] fp32
-    ffn_key: torch.Tensor                 # [C, F]
-    ffn_value: torch.Tensor               # [F, C]
+    ffn_key: torch.Tensor                 # [F, C]
+    ffn_value: torch.Tensor               # [C, F]
 
 
 class RWKV7:
     """An RWKV-7 model ready for inference. Build it with ``load_model``."""
 
     def __init__(self, sd: dict[str, torch.Tensor], config: ModelConfig, strategy: Strategy,
-                 *, wkv_backend: str = "chunked", name: str = "rwkv7"):
+                 *, wkv_backend: str = "chunked", name: str = "rwkv7", linear_backend: str | None = None):
         self.config = config
         self.strategy = strategy
         self.name = name
@@ -60,6 +64,7 @@ class RWKV7:
         self._wkv_seq = kernels.get_wkv7(wkv_backend)
         self._wkv_step_ = kernels.get_wkv7("step_") if wkv_backend != "reference" else None
         self.wkv_backend = wkv_backend
+        self.linear_backend, self._linear = select_linear(self.device, self.dtype, linear_backend)
         f32 = lambda key: sd[key].to(device=self.device, dtype=torch.float32).contiguous()  # noqa: E731
         mat = lambda key: sd[key].to(device=self.device, dtype=self.dtype).contiguous()     # noqa: E731
         matT = lambda key: sd[key].to(device=self.device, dtype=self.dtype).t().contiguous()  # noqa: E731
@@ -67,11 +72,12 @@ class RWKV7:
         emb = F.layer_norm(f32("emb.weight"), (C,), f32("blocks.0.ln0.weight"), f32("blocks.0.ln0.bias"), LN_EPS)
         self.emb = emb.to(self.dtype)                       # [V, C], ln0 folded in
         self.ln_out = (f32("ln_out.weight"), f32("ln_out.bias"))
-        self.head = matT("head.weight")                     # [C, V]
+        self.head = mat("head.weight")                      # [V, C]
         self.layers = [self._prepare_layer(i, f32, mat, matT) for i in range(config.n_layer)]
 
     @staticmethod
     def _prepare_layer(i, f32, mat, matT) -> LayerWeights:
+        # projections keep the checkpoint's [out, in]; LoRA factors (stored [in, out]) are transposed
         p = f"blocks.{i}."
         vec = lambda key: f32(p + key).reshape(-1)  # noqa: E731
         att_mix = torch.stack([vec(f"att.x_{c}") for c in "rkvwag"]).view(6, 1, 1, -1)
@@ -79,16 +85,16 @@ class RWKV7:
         return LayerWeights(
             ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")),
             att_mix=att_mix,
-            w_rkv=torch.stack([matT(p + f"att.{n}.weight") for n in ("receptance", "key", "value")]),
-            w_out=matT(p + "att.output.weight"),
-            w0=vec("att.w0"), w1=mat(p + "att.w1"), w2=mat(p + "att.w2"),
-            a0=vec("att.a0"), a1=mat(p + "att.a1"), a2=mat(p + "att.a2"),
-            v0=vec("att.v0") if has_v else None, v1=mat(p + "att.v1") if has_v else None,
-            v2=mat(p + "att.v2") if has_v else None,
-            g1=mat(p + "att.g1"), g2=mat(p + "att.g2"),
+            w_r=mat(p + "att.receptance.weight"), w_k=mat(p + "att.key.weight"), w_v=mat(p + "att.value.weight"),
+            w_out=mat(p + "att.output.weight"),
+            w0=vec("att.w0"), w1=matT(p + "att.w1"), w2=matT(p + "att.w2"),
+            a0=vec("att.a0"), a1=matT(p + "att.a1"), a2=matT(p + "att.a2"),
+            v0=vec("att.v0") if has_v else None, v1=matT(p + "att.v1") if has_v else None,
+            v2=matT(p + "att.v2") if has_v else None,
+            g1=matT(p + "att.g1"), g2=matT(p + "att.g2"),
             k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=f32(p + "att.r_k"),
             ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
-            ffn_mix=vec("ffn.x_k"), ffn_key=matT(p + "ffn.key.weight"), ffn_value=matT(p + "ffn.value.weight"),
+            ffn_mix=vec("ffn.x_k"), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),
         )
 
     # ------------------------------------------------------------------------------------------ public API
@@ -103,7 +109,7 @@ class RWKV7:
         keep a snapshot. logits: float32 [B, T, V] with full_output, else [B, V] for the last position.
         """
         hidden, state = self.forward_hidden(tokens, state, full_output=full_output)
-        return (hidden.to(self.dtype) @ self.head).float(), state
+        return self._linear(hidden.to(self.dtype), self.head).float(), state
 
     __call__ = forward
 
@@ -156,23 +162,23 @@ class RWKV7:
         dt = self.dtype
         d = self._shift(h, state.att_x[i]) - h
         state.att_x[i].copy_(h[:, -1])
+        lin = self._linear
         mixed = torch.addcmul(h, d, lw.att_mix).to(dt)                                 # [6, B, T, C]
-        _, _, xv, xw, xa, xg = mixed.unbind(0)
-        rkv = torch.bmm(mixed[:3].view(3, B * T, C), lw.w_rkv).float()                 # [3, B*T, A]
-        r, k, v = (t.view(B, T, -1) for t in rkv.unbind(0))
-        log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + (torch.tanh(xw @ lw.w1) @ lw.w2).float())
-        alpha = torch.sigmoid(lw.a0 + ((xa @ lw.a1) @ lw.a2).float())
-        g = (torch.sigmoid(xg @ lw.g1) @ lw.g2).float()
+        xr, xk, xv, xw, xa, xg = mixed.unbind(0)
+        r, k, v = lin(xr, lw.w_r).float(), lin(xk, lw.w_k).float(), lin(xv, lw.w_v).float()  # [B, T, A]
+        log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + lin(torch.tanh(lin(xw, lw.w1)), lw.w2).float())
+        alpha = torch.sigmoid(lw.a0 + lin(lin(xa, lw.a1), lw.a2).float())
+        g = lin(torch.sigmoid(lin(xg, lw.g1)), lw.g2).float()
         kk = F.normalize((k * lw.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (alpha - 1) * lw.k_a)
         if i == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(lw.v0 + ((xv @ lw.v1) @ lw.v2).float())
+            v = v + (v_first - v) * torch.sigmoid(lw.v0 + lin(lin(xv, lw.v1), lw.v2).float())
         y = self._wkv(i, r, log_w, k, v, -kk, kk * alpha.view(B, T, H, N), state)    # [B, T, H, N] fp32
         y = F.group_norm(y.reshape(B * T, H * N), H, lw.ln_x[0], lw.ln_x[1], GROUP_NORM_EPS).view(B, T, H, N)
         bonus = ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
-        out = ((y + bonus).view(B, T, -1) * g).to(dt) @ lw.w_out
+        out = lin(((y + bonus).view(B, T, -1) * g).to(dt), lw.w_out)
         return out.float(), v_first
 
     def _wkv(self, i, r, log_w, k, v, a, b, state: RNNState) -> torch.Tensor:
@@ -191,12 +197,16 @@ class RWKV7:
         d = self._shift(h, state.ffn_x[i]) - h
         state.ffn_x[i].copy_(h[:, -1])
         xk = torch.addcmul(h, d, lw.ffn_mix).to(self.dtype)
-        hidden = torch.relu_(xk @ lw.ffn_key).square_()                                # [B, T, F]
-        return (hidden @ lw.ffn_value).float()
+        hidden = torch.relu_(self._linear(xk, lw.ffn_key)).square_()                   # [B, T, F]
+        return self._linear(hidden, lw.ffn_value).float()
 
 
-def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str = "chunked") -> RWKV7:
-    """Load an RWKV-7 checkpoint (.pth, .safetensors or a Hugging Face directory) for inference."""
+def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str = "chunked",
+               linear_backend: str | None = None) -> RWKV7:
+    """Load an RWKV-7 checkpoint (.pth, .safetensors or a Hugging Face directory) for inference.
+
+    linear_backend: None/"auto" (oneDNN on CPU when it works, see engine/linear.py), "onednn" or "aten".
+    """
     try:
         strat = parse_strategy(strategy)
     except ValueError as exc:
@@ -208,5 +218,9 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
         prepare_device(strat)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
+    try:
+        linear = select_linear(strat.device, strat.dtype, linear_backend)[0]
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     sd, config = load_weights(path)
-    return RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem)
+    return RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear)

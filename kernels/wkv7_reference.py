@@ -18,8 +18,9 @@ def wkv7_step_(r, w, k, v, a, b, state):
     dt = state.dtype
     r, w, k, v, a, b = (t[:, 0].to(dt) for t in (r, w, k, v, a, b))  # [B, H, N]
     decay = torch.exp(w)
-    both = state @ torch.stack((a, decay * r), dim=-1)                # [B, H, N(i), 2]
-    sa, y = both[..., 0], both[..., 1]
+    # rows (S a)^T and (S (e^w * r))^T as [2, N] @ S^T: much faster than S @ [N, 2] for large B*H on CPU
+    both = torch.stack((a, decay * r), dim=-2) @ state.transpose(-1, -2)  # [B, H, 2, N(i)]
+    sa, y = both[..., 0, :], both[..., 1, :]
     state.mul_(decay.unsqueeze(-2))
     state.addcmul_(v.unsqueeze(-1), k.unsqueeze(-2)).addcmul_(sa.unsqueeze(-1), b.unsqueeze(-2))
     y = y + v * (k * r).sum(-1, keepdim=True) + sa * (b * r).sum(-1, keepdim=True)

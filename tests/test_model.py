@@ -136,3 +136,31 @@ def test_cuda_matches_cpu(tiny_pth, tiny_model, strategy):
     a, _ = tiny_model.forward(toks, None, full_output=True)
     b, _ = m.forward(toks.cuda(), None, full_output=True)
     assert rel_err(b.cpu(), a) < (1e-4 if strategy.endswith("fp32") else 5e-2)
+
+
+def test_linear_backends_agree(tiny_pth, tiny_model):
+    """The oneDNN product (the CPU fp32 default when usable) and F.linear give the same model."""
+    aten = load_model(tiny_pth, "cpu fp32", linear_backend="aten")
+    assert aten.linear_backend == "aten"
+    toks = tokens_for(tiny_model, 3, 40, seed=5)
+    want, s_want = aten.forward(toks, None, full_output=True)
+    got, s_got = tiny_model.forward(toks, None, full_output=True)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(torch.stack(s_got.wkv), torch.stack(s_want.wkv)) < 1e-5
+    step_want, _ = aten.forward(toks[:, :1], s_want)
+    step_got, _ = tiny_model.forward(toks[:, :1], s_got)
+    assert rel_err(step_got, step_want) < 1e-5
+
+
+def test_linear_backend_choice(tiny_pth, monkeypatch):
+    from engine import ModelLoadError
+    if torch.backends.mkldnn.is_available():
+        assert load_model(tiny_pth, "cpu fp32").linear_backend == "onednn"
+    assert load_model(tiny_pth, "cpu bf16").linear_backend == "aten"       # torch's bf16 matmul is faster here
+    with pytest.raises(ModelLoadError, match="unknown linear backend 'blas'.*auto, onednn, aten"):
+        load_model(tiny_pth, "cpu fp32", linear_backend="blas")
+    monkeypatch.setenv("GOOSE_LINEAR", "aten")
+    assert load_model(tiny_pth, "cpu fp32").linear_backend == "aten"
+    monkeypatch.setenv("GOOSE_LINEAR", "fast")
+    with pytest.raises(ModelLoadError, match="GOOSE_LINEAR"):
+        load_model(tiny_pth, "cpu fp32")
