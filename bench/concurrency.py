@@ -1,10 +1,14 @@
-"""Concurrency benchmark: aggregate decode tokens/s and time-to-first-token of the AsyncEngine at 1..128
-concurrent generations (temperature-1 sampling, seeded), and TTFT with a cached 2,000-token prefix vs a cold one; the official rwkv
-package's single-stream decode is measured in the same run as the yardstick.
+"""Concurrency benchmark: aggregate tokens/s and time-to-first-token of the AsyncEngine at 1..128 concurrent
+generations (temperature-1 sampling, seeded), and TTFT with a cached 2,000-token prefix vs a cold one; the
+official rwkv package's single-stream decode is measured in the same run as the yardstick.
 
     python -m bench.concurrency [--dtypes fp32,bf16] [--levels 1,8,32,64,128] [--tokens 32]
 
+Two aggregates per level: end to end (every generated token over the wall time from submitting all requests,
+so it includes prefilling every prompt), and decode (tokens delivered after the last stream got its first
+token, over the time from then to the last token: the steady state with every stream decoding).
 Targets: aggregate at 64 >= 20x the reference single stream (fp32), higher on bf16; cached TTFT <= 1/10 cold.
+Model loading and the reference run on threads that exit (engine/threads.py), as `goose serve` does.
 """
 from __future__ import annotations
 
@@ -24,38 +28,48 @@ from bench.engine import bench_reference  # noqa: E402
 from bench.machine import machine_line  # noqa: E402
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams, load_model, load_tokenizer  # noqa: E402
 from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
+from engine.threads import call_in_new_thread  # noqa: E402
 
 
 def _prompt(n: int, seed: int) -> list[int]:
     return [(seed * 7919 + i * 104729) % 65000 + 1 for i in range(n)]
 
 
-async def _one(eng, req, t_submit, ttfts):
+async def _one(eng, req, t_submit, ttfts, stamps=None):
     first = None
     count = 0
     async for out in eng.generate(req):
         n = sum(len(o.token_ids) for o in out.outputs)
+        now = time.perf_counter()
         if n and first is None:
-            first = time.perf_counter()
+            first = now
             ttfts.append(first - t_submit)
+        if n and stamps is not None:
+            stamps.append((now, n))
         count += n
     return count
 
 
-async def _level(model, tok, concurrency: int, tokens: int, prompt_len: int) -> tuple[float, float]:
+async def _level(model, tok, concurrency: int, tokens: int, prompt_len: int) -> tuple[float, float, float]:
+    """(end-to-end tokens/s, decode tokens/s, median TTFT) for ``concurrency`` simultaneous requests."""
     eng = AsyncEngine(model, tok, EngineConfig(max_sessions=max(concurrency, 1), max_waiting=1024,
                                                step_token_budget=max(1024, concurrency), prefill_chunk=512,
                                                prefix_cache_bytes=0))
     eng.start()
     try:
         ttfts: list[float] = []
+        stamps: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
         params = SamplingParams(max_tokens=tokens, temperature=1.0, ignore_eos=True)   # plain sampling
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(
             _one(eng, GenerateRequest(_prompt(prompt_len, i), SamplingParams(**{**params.__dict__, "seed": i})),
-                 t0, ttfts) for i in range(concurrency)))
+                 t0, ttfts, stamps[i]) for i in range(concurrency)))
         wall = time.perf_counter() - t0
-        return sum(counts) / wall, statistics.median(ttfts)
+        all_started = max(s[0][0] for s in stamps)
+        end = max(s[-1][0] for s in stamps)
+        after = sum(n for s in stamps for t, n in s if t > all_started)
+        decode = after / (end - all_started) if end > all_started else float("nan")
+        return sum(counts) / wall, decode, statistics.median(ttfts)
     finally:
         await eng.stop(1)
 
@@ -93,25 +107,29 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         stem = os.path.join(tmp, "rwkv7-0b1-random")
-        write_checkpoint(stem + ".pth", SHAPE_0B1, seed=0)
+        call_in_new_thread(write_checkpoint, stem + ".pth", SHAPE_0B1, seed=0)
         for dtype in args.dtypes.split(","):
             print(f"[cpu {dtype}] reference single stream ...", file=sys.stderr)
-            ref = bench_reference(stem, dtype, 16, 32, 2)["decode"]
-            model = load_model(stem + ".pth", f"cpu {dtype}")
+            ref = call_in_new_thread(bench_reference, stem, dtype, 16, 32, 2)["decode"]
+            model = call_in_new_thread(load_model, stem + ".pth", f"cpu {dtype}")
             for c in levels:
                 print(f"[cpu {dtype}] concurrency {c} ...", file=sys.stderr)
-                tps, ttft = asyncio.run(_level(model, tok, c, args.tokens, args.prompt))
-                rows.append((dtype, f"{c} concurrent", ref, tps, ttft))
+                tps, decode, ttft = asyncio.run(_level(model, tok, c, args.tokens, args.prompt))
+                rows.append((dtype, f"{c} concurrent", ref, (tps, decode), ttft))
             cold, warm = asyncio.run(_cached_ttft(model, tok, args.prefix))
             rows.append((dtype, "ttft", cold, warm, None))
+            del model
     print(f"\nmachine: {machine_line()}")
     print(f"model: random RWKV-7 0.1B shape (L12 C768 V65536); {args.prompt}-token prompts, {args.tokens} tokens each;"
           f" reference: rwkv 0.8.32 single-stream decode\n")
-    print("| strategy | load | aggregate tok/s | x reference single stream | TTFT p50 (s) |")
-    print("|---|---|---:|---:|---:|")
+    print("| strategy | load | reference tok/s | end-to-end tok/s | x reference | decode tok/s | x reference "
+          "| TTFT p50 (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for dtype, what, ref, tps, ttft in rows:
         if what != "ttft":
-            print(f"| cpu {dtype} | {what} | {tps:.0f} | {tps / ref:.1f}x (ref {ref:.1f} tok/s) | {ttft:.3f} |")
+            e2e, decode = tps
+            print(f"| cpu {dtype} | {what} | {ref:.1f} | {e2e:.0f} | {e2e / ref:.1f}x | {decode:.0f} | "
+                  f"{decode / ref:.1f}x | {ttft:.3f} |")
     print(f"\n| strategy | TTFT, {args.prefix}-token prefix + 16 new tokens: cold (s) | cached (s) | cached / cold |")
     print("|---|---:|---:|---:|")
     for dtype, what, cold, warm, _ in rows:

@@ -58,12 +58,16 @@ class EngineConfig:
     """Upper bound accepted for max_tokens."""
     max_prompt_tokens: int = 131072
     """Longest prompt accepted, in tokens (RWKV has no context limit; this bounds time, not memory)."""
+    threads: int = 0
+    """CPU threads for the engine's model calls (0: torch's default, one per CPU this process may use)."""
 
     def __post_init__(self):
         for name in ("max_sessions", "max_waiting", "prefill_chunk", "step_token_budget",
                      "prefix_cache_interval", "default_max_tokens", "max_max_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"engine.threads must be >= 0 (0 = one per CPU), got {self.threads}")
         if self.prefix_cache_bytes < 0:
             raise ValueError(f"engine.prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.default_max_tokens > self.max_max_tokens:

@@ -18,6 +18,7 @@ from engine.runner import StatePool
 from engine.sampling import SamplerRow, make_generator, sample, top_logprobs
 from engine.scheduler import Scheduler
 from engine.stop import TextStream
+from engine.threads import call_in_new_thread
 
 log = logging.getLogger("goose.engine")
 
@@ -145,7 +146,8 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.model_config = model.config
-        self.pool = StatePool(model, config.max_sessions)
+        # zeroing the pool is parallel torch work: keep it off this (long-lived) thread, see engine/threads.py
+        self.pool = call_in_new_thread(StatePool, model, config.max_sessions)
         self.cache = PrefixCache(config.prefix_cache_bytes)
         self.scheduler = Scheduler(max_slots=config.max_sessions, max_waiting=config.max_waiting,
                                    prefill_chunk=config.prefill_chunk, step_token_budget=config.step_token_budget,
@@ -162,6 +164,8 @@ class AsyncEngine:
         self._counters = collections.Counter()
         self._published = (0, 0, 0)                 # (running, waiting, slots used), written by the loop
         self._outbox = _Outbox()
+        self._threads = config.threads or torch.get_num_threads()
+        self._threads_in_use = 0
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -255,7 +259,7 @@ class AsyncEngine:
             prefix_cache_tokens_saved=self.cache.tokens_saved, prefix_cache_bytes=self.cache.bytes,
             prefix_cache_entries=len(self.cache), prompt_tokens_total=c["prompt_tokens"],
             generated_tokens_total=c["generated_tokens"], steps_total=c["steps"], aborted_total=c["aborted"],
-            alive=self.is_alive, draining=self._draining)
+            alive=self.is_alive, draining=self._draining, threads=self._threads_in_use)
 
     def _check_admissible(self) -> None:
         if self._error is not None or (self._thread is not None and not self._thread.is_alive()):
@@ -285,6 +289,9 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        # this thread runs every model call; its OpenMP team should be the only one (engine/threads.py)
+        torch.set_num_threads(self._threads)
+        self._threads_in_use = torch.get_num_threads()
         try:
             with torch.inference_mode():
                 while True:

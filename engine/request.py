@@ -165,3 +165,4 @@ class EngineStats:
     aborted_total: int
     alive: bool
     draining: bool
+    threads: int = 0                  # CPU threads of the step loop's model calls (0 before it starts)

@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from engine import ChatTemplate
+from engine.threads import acall_in_new_thread
 from server import errors
 from server.auth import AuthMiddleware
 from server.metrics import Metrics
@@ -113,7 +114,8 @@ def _middleware(state: AppState) -> list[Middleware]:
 async def _load(state: AppState, loader: Loader) -> None:
     t0 = time.perf_counter()
     try:
-        engine, info = await asyncio.to_thread(loader)
+        # a thread that exits: its OpenMP team must not outlive the load (engine/threads.py)
+        engine, info = await acall_in_new_thread(loader)
     except Exception as exc:  # noqa: BLE001 - any load failure (ModelLoadError, OSError, torch errors) is reported
         state.load_error = errors.sanitize(str(exc), paths=True)
         log.error("model load failed: %s", exc)

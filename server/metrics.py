@@ -34,6 +34,7 @@ class EngineCollector:
             ("goose_prefix_cache_entries", "Prefix-state snapshots held", s.prefix_cache_entries),
             ("goose_engine_alive", "1 while the engine step loop runs", int(s.alive)),
             ("goose_engine_draining", "1 while the engine drains for shutdown", int(s.draining)),
+            ("goose_engine_threads", "CPU threads of the engine's model calls", s.threads),
         ]
         for name, text, value in gauges:
             yield GaugeMetricFamily(name, text, value=value)

@@ -25,7 +25,7 @@ FLAGS = {
     "request_timeout": ("server", "request_timeout"), "shutdown_timeout": ("server", "shutdown_timeout"),
     "embedding_pooling": ("server", "embedding_pooling"), "log_level": ("server", "log_level"),
     "max_sessions": ("engine", "max_sessions"), "max_waiting": ("engine", "max_waiting"),
-    "max_prompt_tokens": ("engine", "max_prompt_tokens"),
+    "max_prompt_tokens": ("engine", "max_prompt_tokens"), "threads": ("engine", "threads"),
 }
 
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-sessions", type=int, help="state slots (engine.max_sessions)")
     ap.add_argument("--max-waiting", type=int, help="queued sequences before 429 (engine.max_waiting)")
     ap.add_argument("--max-prompt-tokens", type=int, help="longest prompt (engine.max_prompt_tokens)")
+    ap.add_argument("--threads", type=int, help="CPU threads for model calls, 0 = one per CPU (engine.threads)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="any other setting, the value parsed as YAML; repeatable")
     return ap

@@ -312,3 +312,34 @@ def test_draining_refuses_new_requests(model):
         return toks
     toks = run_engine(model, body)
     assert len(toks[0]) == 20                                       # the running request finished
+
+
+def test_step_loop_runs_with_the_configured_threads(model):
+    """engine.threads sets the step loop's torch threads (reported in stats), leaving the caller's alone."""
+    before = torch.get_num_threads()
+
+    async def body(eng):
+        await collect(eng, GenerateRequest(prompt(5), SamplingParams(max_tokens=2)))
+        return eng.stats().threads
+    assert run_engine(model, body, threads=1) == 1
+    assert run_engine(model, body) == before             # 0: torch's default, what this process uses
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="engine.threads must be >= 0"):
+        EngineConfig(threads=-1)
+
+
+def test_call_in_new_thread_returns_and_raises():
+    import threading
+
+    from engine.threads import acall_in_new_thread, call_in_new_thread
+    main = threading.get_ident()
+    assert call_in_new_thread(lambda x, y=0: (x + y, threading.get_ident() != main), 2, y=3) == (5, True)
+    with pytest.raises(KeyError, match="boom"):
+        call_in_new_thread(lambda: {}["boom"])
+
+    async def body():
+        ok = await acall_in_new_thread(lambda: threading.current_thread().name)
+        with pytest.raises(ZeroDivisionError):
+            await acall_in_new_thread(lambda: 1 / 0)
+        return ok
+    assert asyncio.run(body()) == "goose-load"
