@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from bench.machine import machine_line  # noqa: E402, F401 (re-exported for the other benchmarks)
 from engine import load_model  # noqa: E402
 from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
+from engine.threads import call_in_new_thread  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -119,19 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         stem = os.path.join(tmp, "rwkv7-0b1-random")
         print(f"writing a random 0.1B-shaped checkpoint (L{SHAPE_0B1.n_layer} C{SHAPE_0B1.n_embd} "
               f"V{SHAPE_0B1.vocab_size}) ...", file=sys.stderr)
-        write_checkpoint(stem + ".pth", SHAPE_0B1, seed=0)
+        call_in_new_thread(write_checkpoint, stem + ".pth", SHAPE_0B1, seed=0)
         rows = []
         with_llama = llama_cpp_available()
         for dtype in args.dtypes.split(","):
             print(f"[cpu {dtype}] reference ...", file=sys.stderr)
-            ref = bench_reference(stem, dtype, args.prefill, args.decode, args.repeats)
+            # each contender on a thread that exits, so no one's idle OpenMP team slows the next (engine/threads.py)
+            ref = call_in_new_thread(bench_reference, stem, dtype, args.prefill, args.decode, args.repeats)
             print(f"[cpu {dtype}] goose ...", file=sys.stderr)
-            ours = bench_goose(stem + ".pth", dtype, args.prefill, args.decode, args.batch, args.repeats)
+            ours = call_in_new_thread(bench_goose, stem + ".pth", dtype, args.prefill, args.decode, args.batch,
+                                      args.repeats)
             llama = None
             if with_llama:
                 print(f"[cpu {dtype}] llama.cpp (GGUF via goose convert) ...", file=sys.stderr)
-                gguf_path = export_gguf(stem + ".pth", dtype)
-                llama = bench_llamacpp(gguf_path, args.prefill, args.decode, args.repeats)
+                gguf_path = call_in_new_thread(export_gguf, stem + ".pth", dtype)
+                llama = call_in_new_thread(bench_llamacpp, gguf_path, args.prefill, args.decode, args.repeats)
                 os.remove(gguf_path)
             rows.append((dtype, ref, ours, llama))
     print(f"\nmachine: {machine_line()}")
