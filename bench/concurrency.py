@@ -28,6 +28,7 @@ from bench.engine import bench_reference  # noqa: E402
 from bench.machine import machine_line  # noqa: E402
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams, load_model, load_tokenizer  # noqa: E402
 from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
+from engine.allocator import tune_malloc  # noqa: E402
 from engine.threads import call_in_new_thread  # noqa: E402
 
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--prefix", type=int, default=2000, help="cached prefix length for the TTFT comparison")
     args = ap.parse_args(argv)
+    tune_malloc()                                   # as goose serve does (engine/allocator.py)
     levels = [int(x) for x in args.levels.split(",")]
     tok = load_tokenizer("world")
     rows = []

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from bench.machine import machine_line  # noqa: E402, F401 (re-exported for the other benchmarks)
 from engine import load_model  # noqa: E402
 from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
+from engine.allocator import tune_malloc  # noqa: E402
 from engine.threads import call_in_new_thread  # noqa: E402
 
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="batch size of the batched decode")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    tune_malloc()                                   # as goose serve does (engine/allocator.py)
     with tempfile.TemporaryDirectory() as tmp:
         stem = os.path.join(tmp, "rwkv7-0b1-random")
         print(f"writing a random 0.1B-shaped checkpoint (L{SHAPE_0B1.n_layer} C{SHAPE_0B1.n_embd} "

@@ -28,6 +28,8 @@ def _child(path: str, dtype: str, context: int, decode: int, reference: bool) ->
     import torch
 
     from engine import load_model
+    from engine.allocator import tune_malloc
+    tune_malloc()                                   # as goose serve does
     model = load_model(path, f"cpu {dtype}")
     state = model.zero_state(1)
     ids = [(i * 7919) % 65000 + 1 for i in range(context)]

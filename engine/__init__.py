@@ -8,8 +8,10 @@ from engine.model import RWKV7, load_model
 from engine.prompt import ChatTemplate, render_chat
 from engine.request import (MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_LEN, EngineStats, FinishReason,
                             GenerateRequest, RequestOutput, SamplingParams, SequenceOutput, TokenLogprob)
+from engine.allocator import tune_malloc
 from engine.state import RNNState
 from engine.strategy import Strategy, parse_strategy
+from engine.threads import acall_in_new_thread, call_in_new_thread
 
 
 def load_tokenizer(spec: str):
@@ -22,4 +24,5 @@ __all__ = ["EngineConfig", "ModelConfig", "AsyncEngine", "RequestStream", "Engin
            "EngineError", "InvalidRequest", "ModelLoadError", "Overloaded", "RequestFailed", "RWKV7", "load_model",
            "EngineStats", "FinishReason", "GenerateRequest", "RequestOutput", "SamplingParams", "SequenceOutput",
            "TokenLogprob", "RNNState", "Strategy", "parse_strategy", "load_tokenizer", "ChatTemplate", "render_chat",
-           "MAX_LOGPROBS", "MAX_N", "MAX_STOP", "MAX_STOP_LEN"]
+           "MAX_LOGPROBS", "MAX_N", "MAX_STOP", "MAX_STOP_LEN", "tune_malloc", "call_in_new_thread",
+           "acall_in_new_thread"]

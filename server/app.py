@@ -12,8 +12,7 @@ from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from engine import ChatTemplate
-from engine.threads import acall_in_new_thread
+from engine import ChatTemplate, acall_in_new_thread
 from server import errors
 from server.auth import AuthMiddleware
 from server.metrics import Metrics

@@ -1,5 +1,7 @@
 """AsyncEngine end to end on a small random-weight model with the World tokenizer."""
 import asyncio
+import platform
+import sys
 import random
 
 import pytest
@@ -343,3 +345,21 @@ def test_call_in_new_thread_returns_and_raises():
             await acall_in_new_thread(lambda: 1 / 0)
         return ok
     assert asyncio.run(body()) == "goose-load"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt")
+def test_tune_malloc_keeps_large_temporaries_mapped():
+    """After tune_malloc, re-allocating a 4 MiB tensor does not page-fault it in again each time."""
+    import resource
+
+    from engine.allocator import tune_malloc
+    assert tune_malloc(env={"GOOSE_MALLOC_TUNE": "0"}) is False
+    assert tune_malloc(env={}) is True
+    for _ in range(3):
+        torch.ones(1 << 20)                              # 4 MiB: above glibc's default mmap threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(1 << 20)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 1024                                  # untuned: ~1024 faults (4 KiB pages) per tensor
