@@ -1,4 +1,5 @@
-"""Matrix-product benchmark: torch's matmul (F.linear) vs oneDNN's linear op for the shapes of the 0.1B model.
+"""Matrix-product benchmark: torch's matmul (F.linear) vs oneDNN's linear op (plain and with the weight
+packed in oneDNN's layout, as the model loads it) for the shapes of the 0.1B model.
 
     python -m bench.linear [--dtypes fp32,bf16] [--repeats 20]
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from bench.engine import timed
 from bench.machine import machine_line
-from engine.linear import _onednn_linear, _onednn_works
+from engine.linear import _onednn_linear, _onednn_pack, _probe
 
 # (M, in, out): decode B=1 and B=64, prefill T=1024; r/k/v/output, FFN key and value, and the head
 SHAPES = [(m, k, n) for m in (1, 64, 1024) for (k, n) in ((768, 768), (768, 3072), (3072, 768), (768, 65536))
@@ -30,23 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     print(f"machine: {machine_line()}\n")
-    print("| dtype | M x in -> out | F.linear ms | oneDNN ms | F.linear GFLOPS | oneDNN GFLOPS | oneDNN speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| dtype | M x in -> out | F.linear ms | oneDNN ms | oneDNN packed ms | F.linear GFLOPS | "
+          "packed GFLOPS | packed speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for name in args.dtypes.split(","):
             dtype = dtypes[name]
-            if not _onednn_works(dtype):
-                print(f"| {name} | oneDNN linear not usable in this torch build | | | | | |")
+            dense, packed = _probe(dtype)
+            if not (dense and packed):
+                print(f"| {name} | oneDNN linear (or packing) not usable in this torch build | | | | | | |")
                 continue
             for m, k, n in SHAPES:
                 x = torch.randn(m, k, generator=g).to(dtype)
                 w = torch.randn(n, k, generator=g).to(dtype)
+                wp = _onednn_pack(w)
                 ta = timed(lambda: F.linear(x, w), args.repeats)
                 to = timed(lambda: _onednn_linear(x, w), args.repeats)
+                tp = timed(lambda: _onednn_linear(x, wp), args.repeats)
                 flop = 2 * m * k * n
-                print(f"| {name} | {m} x {k} -> {n} | {ta * 1e3:.3f} | {to * 1e3:.3f} | {flop / ta / 1e9:.0f} | "
-                      f"{flop / to / 1e9:.0f} | {ta / to:.2f}x |")
+                print(f"| {name} | {m} x {k} -> {n} | {ta * 1e3:.3f} | {to * 1e3:.3f} | {tp * 1e3:.3f} | "
+                      f"{flop / ta / 1e9:.0f} | {flop / tp / 1e9:.0f} | {ta / tp:.2f}x |")
     return 0
 
 

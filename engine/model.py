@@ -64,10 +64,11 @@ class RWKV7:
         self._wkv_seq = kernels.get_wkv7(wkv_backend)
         self._wkv_step_ = kernels.get_wkv7("step_") if wkv_backend != "reference" else None
         self.wkv_backend = wkv_backend
-        self.linear_backend, self._linear = select_linear(self.device, self.dtype, linear_backend)
+        linear = select_linear(self.device, self.dtype, linear_backend)
+        self.linear_backend, self._linear, pack = linear.name, linear.fn, linear.prepare
         f32 = lambda key: sd[key].to(device=self.device, dtype=torch.float32).contiguous()  # noqa: E731
-        mat = lambda key: sd[key].to(device=self.device, dtype=self.dtype).contiguous()     # noqa: E731
-        matT = lambda key: sd[key].to(device=self.device, dtype=self.dtype).t().contiguous()  # noqa: E731
+        mat = lambda key: pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())   # noqa: E731
+        matT = lambda key: pack(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous())  # noqa: E731
         C = config.n_embd
         emb = F.layer_norm(f32("emb.weight"), (C,), f32("blocks.0.ln0.weight"), f32("blocks.0.ln0.bias"), LN_EPS)
         self.emb = emb.to(self.dtype)                       # [V, C], ln0 folded in
@@ -219,7 +220,7 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     try:
-        linear = select_linear(strat.device, strat.dtype, linear_backend)[0]
+        linear = select_linear(strat.device, strat.dtype, linear_backend).name
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     sd, config = load_weights(path)
