@@ -2,7 +2,7 @@
 generations (temperature-1 sampling, seeded), and TTFT with a cached 2,000-token prefix vs a cold one; the
 official rwkv package's single-stream decode is measured in the same run as the yardstick.
 
-    python -m bench.concurrency [--dtypes fp32,bf16] [--levels 1,8,32,64,128] [--tokens 32]
+    python -m bench.concurrency [--dtypes fp32,bf16] [--levels 1,8,32,64,128] [--tokens 128]
 
 Two aggregates per level: end to end (every generated token over the wall time from submitting all requests,
 so it includes prefilling every prompt), and decode (tokens delivered after the last stream got its first
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="goose bench concurrency", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--levels", default="1,8,32,64,128")
-    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request (long enough for a "
+                    "steady decode window)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--prefix", type=int, default=2000, help="cached prefix length for the TTFT comparison")
     args = ap.parse_args(argv)
