@@ -52,6 +52,12 @@ class LayerWeights:
     ffn_value: torch.Tensor               # [C, F]
 
 
+def _owned(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """t, copied if it still shares memory with the loaded checkpoint: the vectors are small, and once no
+    model tensor refers to the memory-mapped file, the mapping (the whole file) is released after loading."""
+    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
+
+
 class RWKV7:
     """An RWKV-7 model ready for inference. Build it with ``load_model``."""
 
@@ -66,7 +72,9 @@ class RWKV7:
         self.wkv_backend = wkv_backend
         linear = select_linear(self.device, self.dtype, linear_backend)
         self.linear_backend, self._linear, pack = linear.name, linear.fn, linear.prepare
-        f32 = lambda key: sd[key].to(device=self.device, dtype=torch.float32).contiguous()  # noqa: E731
+
+        def f32(key: str) -> torch.Tensor:
+            return _owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
         mat = lambda key: pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())   # noqa: E731
         matT = lambda key: pack(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous())  # noqa: E731
         C = config.n_embd

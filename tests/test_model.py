@@ -1,5 +1,6 @@
 """Model properties that make an RNN server correct: split, batch and backend invariance; bf16 closeness."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,23 @@ def test_linear_backend_choice(tiny_pth, monkeypatch):
     monkeypatch.setenv("GOOSE_LINEAR", "fast")
     with pytest.raises(ModelLoadError, match="GOOSE_LINEAR"):
         load_model(tiny_pth, "cpu fp32")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_loaded_model_releases_the_checkpoint_mapping(tmp_path):
+    """With packed weights no model tensor aliases the memory-mapped checkpoint, so the file is unmapped."""
+    import gc
+
+    from engine.linear import _probe
+    if not _probe(torch.float32)[1]:
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    path = tmp_path / "released.pth"
+    write_checkpoint(path, PARITY_SHAPES["c192-f500-v0absent"], seed=2)
+    model = load_model(path, "cpu fp32")
+    gc.collect()
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    aten = load_model(path, "cpu fp32", linear_backend="aten")            # F.linear reads the mapped file
+    assert str(path) in Path("/proc/self/maps").read_text()
+    del aten
+    logits, _ = model.forward(torch.tensor([[1, 2, 3]]), None)
+    assert torch.isfinite(logits).all()
