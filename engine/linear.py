@@ -14,6 +14,7 @@ otherwise (CUDA, a torch without oneDNN, or ``GOOSE_LINEAR=aten``).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, NamedTuple
 
@@ -46,8 +47,10 @@ def _same(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     return got.shape == want.shape and bool(((got - want).abs().max() <= tol * want.abs().max()).item())
 
 
+@functools.cache
 def _probe(dtype: torch.dtype) -> tuple[bool, bool]:
-    """(oneDNN's linear works, packed weights work) in this torch build, each checked against F.linear."""
+    """(oneDNN's linear works, packed weights work) in this torch build, each checked against F.linear; a
+    property of the build, so it runs once per dtype (load_model asks before loading, the model again)."""
     if not torch.backends.mkldnn.is_available():
         return False, False
     g = torch.Generator().manual_seed(0)

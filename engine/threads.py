@@ -39,20 +39,6 @@ def call_in_new_thread(fn: Callable[..., T], *args: Any, name: str = "goose-load
 
 
 async def acall_in_new_thread(fn: Callable[..., T], *args: Any, name: str = "goose-load", **kwargs: Any) -> T:
-    """``call_in_new_thread`` without blocking the event loop (asyncio.to_thread, but on a thread that exits)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def settle(setter: Callable[[Any], None], value: Any) -> None:
-        if not future.done():
-            setter(value)
-
-    def target() -> None:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:   # noqa: BLE001 - re-raised in the awaiting task
-            loop.call_soon_threadsafe(settle, future.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(settle, future.set_result, result)
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return await future
+    """``call_in_new_thread`` without blocking the event loop: the pool thread of asyncio.to_thread only waits
+    for the fresh thread, so it never opens a parallel region of its own."""
+    return await asyncio.to_thread(call_in_new_thread, fn, *args, name=name, **kwargs)

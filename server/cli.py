@@ -17,7 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "tokenizer": ("bench.tokenizer", "World tokenizer encode speed vs the reference"),
     "concurrency": ("bench.concurrency", "AsyncEngine: aggregate tokens/s and TTFT at 1..128 streams; cached TTFT"),
     "memory": ("bench.memory", "peak RSS and decode ms/token after 1k, 16k and 128k tokens of context"),
-    "linear": ("bench.linear", "matrix products: F.linear vs oneDNN for the 0.1B shapes (why fp32 uses oneDNN)"),
+    "linear": ("bench.linear", "matrix products: F.linear vs oneDNN, plain and packed, for the 0.1B shapes"),
 }
 
 
