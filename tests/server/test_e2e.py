@@ -113,6 +113,7 @@ async def test_disconnect_mid_stream_returns_running_and_slots_to_zero(real):
     assert metric(text, "goose_requests_running") == 0 and metric(text, "goose_state_slots_used") == 0
     assert metric(text, "goose_http_requests_client_disconnected_total") == 1
     assert metric(text, "goose_engine_aborted_requests_total") == 1
+    assert metric(text, "goose_engine_threads") == real.engine.stats().threads >= 1
     r = await real.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2})
     assert r.status_code == 200
 
