@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()                                   # as goose serve does (engine/allocator.py)
     levels = [int(x) for x in args.levels.split(",")]
     tok = load_tokenizer("world")
-    rows = []
+    rows, kernels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         stem = os.path.join(tmp, "rwkv7-0b1-random")
         call_in_new_thread(write_checkpoint, stem + ".pth", SHAPE_0B1, seed=0)
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[cpu {dtype}] reference single stream ...", file=sys.stderr)
             ref = call_in_new_thread(bench_reference, stem, dtype, 16, 32, 2)["decode"]
             model = call_in_new_thread(load_model, stem + ".pth", f"cpu {dtype}")
+            kernels.append(f"cpu {dtype}: linear {model.linear_backend}, decode {model.decode_kernel}")
             for c in levels:
                 print(f"[cpu {dtype}] concurrency {c} ...", file=sys.stderr)
                 tps, decode, ttft = asyncio.run(_level(model, tok, c, args.tokens, args.prompt))
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             del model
     print(f"\nmachine: {machine_line()}")
     print(f"model: random RWKV-7 0.1B shape (L12 C768 V65536); {args.prompt}-token prompts, {args.tokens} tokens each;"
-          f" reference: rwkv 0.8.32 single-stream decode\n")
+          f" reference: rwkv 0.8.32 single-stream decode")
+    print(f"goose kernels: {'; '.join(kernels)}\n")
     print("| strategy | load | reference tok/s | end-to-end tok/s | x reference | decode tok/s | x reference "
           "| TTFT p50 (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -58,7 +58,7 @@ def bench_goose(path: str, dtype: str, T: int, n_decode: int, batch: int, repeat
     model = load_model(path, f"cpu {dtype}")
     prompt = torch.tensor([[(i * 7919) % 65536 for i in range(T)]])
     prefill = timed(lambda: model.forward(prompt, None), repeats)
-    results = {"prefill": T / prefill}
+    results = {"prefill": T / prefill, "kernels": f"linear {model.linear_backend}, decode {model.decode_kernel}"}
     for B, key in ((1, "decode"), (batch, "batched")):
         _, state = model.forward(prompt[:, :8].expand(B, 8).contiguous(), None)
         toks = torch.arange(B).view(B, 1) + 100
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((dtype, ref, ours, llama))
     print(f"\nmachine: {machine_line()}")
     print("model: random RWKV-7 0.1B shape (L12 C768 H12 N64 V65536); reference: rwkv 0.8.32 (RWKV_JIT_ON=1)")
+    print("goose kernels: " + "; ".join(f"cpu {dtype}: {ours['kernels']}" for dtype, _, ours, _ in rows)
+          + " (GOOSE_NATIVE_KERNELS=0 / GOOSE_LINEAR=aten for the torch-only figures)")
     if with_llama:
         import llama_cpp
         print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, the same checkpoint as GGUF "

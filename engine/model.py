@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import native
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.linear import select_linear
@@ -18,6 +20,7 @@ from engine.weights import load_weights
 LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCALE * sigmoid(z), in [-0.607, 0)
 LN_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5                  # head_size * 1e-5 in every released model (RWKV-LM "notice eps value")
+log = logging.getLogger("goose.engine")
 SEQUENCE_BACKENDS = ("chunked", "reference")  # kernels usable for T > 1; decode always uses the in-place step
 
 
@@ -62,7 +65,8 @@ class RWKV7:
     """An RWKV-7 model ready for inference. Build it with ``load_model``."""
 
     def __init__(self, sd: dict[str, torch.Tensor], config: ModelConfig, strategy: Strategy,
-                 *, wkv_backend: str = "chunked", name: str = "rwkv7", linear_backend: str | None = None):
+                 *, wkv_backend: str = "chunked", name: str = "rwkv7", linear_backend: str | None = None,
+                 native_kernels: bool | None = None):
         self.config = config
         self.strategy = strategy
         self.name = name
@@ -83,6 +87,37 @@ class RWKV7:
         self.ln_out = (f32("ln_out.weight"), f32("ln_out.bias"))
         self.head = mat("head.weight")                      # [V, C]
         self.layers = [self._prepare_layer(i, f32, mat, matT) for i in range(config.n_layer)]
+        self._native_time_mix = self._prepare_native(native_kernels)
+        self.decode_kernel = "native" if self._native_time_mix is not None else "torch"
+
+    def _prepare_native(self, wanted: bool | None):
+        """The fused native decode time mix per layer (kernels/native.py), or None for the torch ops.
+
+        wanted: None = when it can be used (CPU, fp32 state, not the reference backend, the library builds;
+        GOOSE_NATIVE_KERNELS=1 turns a failure to build into an error), True = required, False = never."""
+        if wanted is None:
+            wanted = {"0": False, "1": True}.get(_native_mode())
+        if wanted is False:
+            return None
+        reason = None
+        if self.device.type != "cpu":
+            reason = f"they run on CPU, the model is on {self.device}"
+        elif self.wkv_backend == "reference":
+            reason = "the reference WKV backend was asked for"
+        if reason is None:
+            cfg = self.config
+            try:
+                return [native.TimeMixDecode(
+                    cfg.n_head, cfg.head_size, w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a,
+                    r_k=lw.r_k, ln_w=lw.ln_x[0], ln_b=lw.ln_x[1], eps=GROUP_NORM_EPS,
+                    log_decay_scale=LOG_DECAY_SCALE) for lw in self.layers]
+            except native.NativeUnavailable as exc:
+                reason = str(exc)
+        if wanted:
+            raise ModelLoadError(f"native CPU kernels were required but cannot be used: {reason}")
+        if self.device.type == "cpu" and self.wkv_backend != "reference":
+            log.warning("decode runs on torch ops (slower): %s", reason)
+        return None
 
     @staticmethod
     def _prepare_layer(i, f32, mat, matT) -> LayerWeights:
@@ -167,7 +202,6 @@ class RWKV7:
 
     def _time_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState, v_first):
         B, T, C = h.shape
-        H, N = self.config.n_head, self.config.head_size
         dt = self.dtype
         d = self._shift(h, state.att_x[i]) - h
         state.att_x[i].copy_(h[:, -1])
@@ -175,20 +209,34 @@ class RWKV7:
         mixed = torch.addcmul(h, d, lw.att_mix).to(dt)                                 # [6, B, T, C]
         xr, xk, xv, xw, xa, xg = mixed.unbind(0)
         r, k, v = lin(xr, lw.w_r).float(), lin(xk, lw.w_k).float(), lin(xv, lw.w_v).float()  # [B, T, A]
-        log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + lin(torch.tanh(lin(xw, lw.w1)), lw.w2).float())
-        alpha = torch.sigmoid(lw.a0 + lin(lin(xa, lw.a1), lw.a2).float())
+        w_lora = lin(torch.tanh(lin(xw, lw.w1)), lw.w2).float()
+        a_lora = lin(lin(xa, lw.a1), lw.a2).float()
         g = lin(torch.sigmoid(lin(xg, lw.g1)), lw.g2).float()
-        kk = F.normalize((k * lw.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * (1 + (alpha - 1) * lw.k_a)
+        v_lora = lin(lin(xv, lw.v1), lw.v2).float() if i > 0 else None
         if i == 0:
             v_first = v
+        S = state.wkv[i]
+        if T == 1 and self._native_time_mix is not None and S.is_contiguous():
+            out = self._native_time_mix[i](r, w_lora, k, v, a_lora, v_lora, v_first if i > 0 else None, g, S)
         else:
-            v = v + (v_first - v) * torch.sigmoid(lw.v0 + lin(lin(xv, lw.v1), lw.v2).float())
+            out = self._time_mix_core(i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state)
+        return lin(out.to(dt), lw.w_out).float(), v_first
+
+    def _time_mix_core(self, i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state) -> torch.Tensor:
+        """The time mix between the projections and the output projection, in torch ops (the native
+        kernel's ground truth and the path for prefill, CUDA and strided states)."""
+        B, T, _ = r.shape
+        H, N = self.config.n_head, self.config.head_size
+        log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + w_lora)
+        alpha = torch.sigmoid(lw.a0 + a_lora)
+        kk = F.normalize((k * lw.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (alpha - 1) * lw.k_a)
+        if v_lora is not None:
+            v = v + (v_first - v) * torch.sigmoid(lw.v0 + v_lora)
         y = self._wkv(i, r, log_w, k, v, -kk, kk * alpha.view(B, T, H, N), state)    # [B, T, H, N] fp32
         y = F.group_norm(y.reshape(B * T, H * N), H, lw.ln_x[0], lw.ln_x[1], GROUP_NORM_EPS).view(B, T, H, N)
         bonus = ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
-        out = lin(((y + bonus).view(B, T, -1) * g).to(dt), lw.w_out)
-        return out.float(), v_first
+        return (y + bonus).view(B, T, -1) * g
 
     def _wkv(self, i, r, log_w, k, v, a, b, state: RNNState) -> torch.Tensor:
         B, T, _ = r.shape
@@ -210,11 +258,20 @@ class RWKV7:
         return self._linear(hidden, lw.ffn_value).float()
 
 
+def _native_mode() -> str:
+    try:
+        return native.mode()
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
 def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str = "chunked",
-               linear_backend: str | None = None) -> RWKV7:
+               linear_backend: str | None = None, native_kernels: bool | None = None) -> RWKV7:
     """Load an RWKV-7 checkpoint (.pth, .safetensors or a Hugging Face directory) for inference.
 
     linear_backend: None/"auto" (oneDNN on CPU when it works, see engine/linear.py), "onednn" or "aten".
+    native_kernels: None (use the native CPU decode kernels when they build, see kernels/native.py), True
+    (required) or False (torch ops only).
     """
     try:
         strat = parse_strategy(strategy)
@@ -231,5 +288,7 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
         linear = select_linear(strat.device, strat.dtype, linear_backend).name
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
+    _native_mode()                                      # a bad GOOSE_NATIVE_KERNELS fails before the weights load
     sd, config = load_weights(path)
-    return RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear)
+    return RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear,
+                 native_kernels=native_kernels)

@@ -26,6 +26,8 @@ Backends:
     chunked    the WY/UT chunked form: O(T/L) sequential steps of batched matmuls, differentiable
     step       the single-token update used by decode (T must be 1)
     step_      the same, updating the state in place and returning only y (the torch "_" convention)
+    native_step_  step_ as a native CPU kernel (kernels/native.py: fp32 CPU states, built with the system
+               C++ compiler on first use); decode uses its fused form, the whole time mix in one pass
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "chunked": ("kernels.wkv7_chunked", "wkv7_chunked"),
     "step": ("kernels.wkv7_reference", "wkv7_step"),
     "step_": ("kernels.wkv7_reference", "wkv7_step_"),   # in place, for decode
+    "native_step_": ("kernels.native", "wkv7_step_"),
 }
 
 
@@ -65,6 +68,12 @@ def get_wkv7(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"WKV-7 backend {name!r} cannot be loaded: {exc}") from exc
+    ensure = getattr(module, "ensure_loadable", None)      # a backend that must be built first says why not
+    if ensure is not None:
+        try:
+            ensure()
+        except RuntimeError as exc:
+            raise ValueError(f"WKV-7 backend {name!r} cannot be loaded: {exc}") from exc
     return getattr(module, fn_name)
 
 

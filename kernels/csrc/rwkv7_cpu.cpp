@@ -1,0 +1,184 @@
+// Native CPU kernels for RWKV-7 decode (one token per sequence), built and loaded by kernels/native.py.
+//
+// The WKV-7 step in torch ops reads and writes each [N, N] state several times (one batched matmul for S a
+// and S (e^w * r), a scaling pass, two rank-1 updates) and every small elementwise op of the time mix is a
+// separate pass with its own thread fork/join. Here each (sequence, head) pair is one task that keeps its
+// 16 KB state in L1: one read and one write of the state, with the time mix's per-head work (decay, in-context
+// learning rate, key normalisation, value residual, group norm, bonus and gate) done on the same 64 values.
+//
+// Plain C ABI over raw fp32 pointers (no torch headers, so a build takes about a second); the caller checks
+// shapes, dtypes and contiguity. Threads: OpenMP, which resolves to the libgomp torch has already loaded, so
+// these loops share torch's thread pool and its thread count (torch.set_num_threads).
+//
+// Layout: state [P, N, N] with P = sequences x heads, rows = value index i, columns = key index j (the
+// BlinkDL layout). Per head, with decay d_j = exp(w_j):
+//     sa_i   = sum_j S[i, j] a_j                      (old state)
+//     S[i,j] = S[i, j] d_j + v_i k_j + sa_i b_j
+//     y_i    = sum_j S[i, j] r_j                      (new state)
+//            = sum_j S_old[i, j] d_j r_j + v_i (k . r) + sa_i (b . r)
+// so both products read the old row once and the row is updated while it is in registers.
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kMaxHeadSize = 256;
+
+#if defined(GOOSE_X86_CLONES)
+// One binary for every x86-64 machine: the loader picks the widest vector ISA at run time.
+#define GOOSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GOOSE_CLONES
+#endif
+
+// exp written for the vectorizer (libm's expf is a call per element): Cephes' range reduction and degree-6
+// polynomial, ~1 ulp on the clamped range; round-to-nearest by the 1.5 * 2^23 trick, 2^n built in the
+// exponent bits. The clamps keep 2^n finite and normal (exp(-87) ~ 1.6e-38, below any value that matters).
+inline float fast_exp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    return p * __builtin_bit_cast(float, bits);
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+// One head's WKV step; S is updated in place, y receives N outputs.
+GOOSE_CLONES
+void head_step(int64_t N, const float *r, const float *w, const float *k, const float *v, const float *a,
+               const float *b, float *S, float *y) {
+    float decay[kMaxHeadSize], decay_r[kMaxHeadSize];
+    float kr = 0.f, br = 0.f;
+#pragma omp simd reduction(+ : kr, br)
+    for (int64_t j = 0; j < N; ++j) {
+        decay[j] = fast_exp(w[j]);
+        decay_r[j] = decay[j] * r[j];
+        kr += k[j] * r[j];
+        br += b[j] * r[j];
+    }
+    for (int64_t i = 0; i < N; ++i) {
+        float *row = S + i * N;
+        float sa = 0.f, yi = 0.f;
+#pragma omp simd reduction(+ : sa, yi)
+        for (int64_t j = 0; j < N; ++j) {
+            sa += row[j] * a[j];
+            yi += row[j] * decay_r[j];
+        }
+        const float vi = v[i];
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) row[j] = row[j] * decay[j] + vi * k[j] + sa * b[j];
+        y[i] = yi + vi * kr + sa * br;
+    }
+}
+
+struct TimeMixParams {           // per-channel vectors of one layer, each [H * N]
+    const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b;
+    float eps, log_decay_scale;
+};
+
+// One head of the time mix after the projections (see goose_rwkv7_time_mix for the formulas).
+GOOSE_CLONES
+void head_time_mix(int64_t N, const float *r, const float *w_lora, const float *k_in, const float *v_in,
+                   const float *a_lora, const float *v_lora, const float *v_first, const float *g,
+                   const TimeMixParams &p, int64_t c, float *S, float *out) {
+    float w[kMaxHeadSize], k[kMaxHeadSize], v[kMaxHeadSize], a[kMaxHeadSize], b[kMaxHeadSize];
+    float y[kMaxHeadSize];
+    const float *w0 = p.w0 + c, *a0 = p.a0 + c, *k_k = p.k_k + c, *k_a = p.k_a + c, *r_k = p.r_k + c;
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) w[j] = p.log_decay_scale * sigmoid(w0[j] + w_lora[j]);
+    float norm2 = 0.f;
+#pragma omp simd reduction(+ : norm2)
+    for (int64_t j = 0; j < N; ++j) {
+        const float kk = k_in[j] * k_k[j];
+        a[j] = kk;
+        norm2 += kk * kk;
+    }
+    const float norm = std::sqrt(norm2);
+    const float inv_norm = 1.0f / (norm > 1e-12f ? norm : 1e-12f);     // F.normalize's eps
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) {
+        const float alpha = sigmoid(a0[j] + a_lora[j]);
+        const float kk = a[j] * inv_norm;
+        a[j] = -kk;
+        b[j] = kk * alpha;
+        k[j] = k_in[j] * (1.0f + (alpha - 1.0f) * k_a[j]);
+    }
+    if (v_lora != nullptr) {
+        const float *v0 = p.v0 + c;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) v[j] = v_in[j] + (v_first[j] - v_in[j]) * sigmoid(v0[j] + v_lora[j]);
+    } else {
+        for (int64_t j = 0; j < N; ++j) v[j] = v_in[j];
+    }
+    head_step(N, r, w, k, v, a, b, S, y);
+    float mean = 0.f, bonus = 0.f;
+#pragma omp simd reduction(+ : mean, bonus)
+    for (int64_t j = 0; j < N; ++j) {
+        mean += y[j];
+        bonus += r[j] * k[j] * r_k[j];
+    }
+    mean /= static_cast<float>(N);
+    float var = 0.f;
+#pragma omp simd reduction(+ : var)
+    for (int64_t j = 0; j < N; ++j) {
+        const float d = y[j] - mean;
+        var += d * d;
+    }
+    const float rstd = 1.0f / std::sqrt(var / static_cast<float>(N) + p.eps);
+    const float *ln_w = p.ln_w + c, *ln_b = p.ln_b + c;
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) out[j] = ((y[j] - mean) * rstd * ln_w[j] + ln_b[j] + bonus * v[j]) * g[j];
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bumped whenever a signature below changes; kernels/native.py refuses a library reporting another number.
+int goose_abi_version() { return 1; }
+
+int64_t goose_max_head_size() { return kMaxHeadSize; }
+
+// The WKV-7 step for P = B * H heads: r, w (log decay), k, v, a, b, y are [P, N]; state is [P, N, N].
+void goose_wkv7_step(int64_t P, int64_t N, const float *r, const float *w, const float *k, const float *v,
+                     const float *a, const float *b, float *state, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < P; ++p)
+        head_step(N, r + p * N, w + p * N, k + p * N, v + p * N, a + p * N, b + p * N, state + p * N * N,
+                  y + p * N);
+}
+
+// One decode token of an RWKV-7 time mix, from the projections to the input of the output projection.
+// Rows [B, H * N]: r, k, v (projections), w_lora (w1/w2 LoRA output), a_lora (a1/a2 output), v_lora (v1/v2
+// output, or null at the first layer, which has no value residual), v_first (layer 0's v; null with v_lora),
+// g (gate). state [B, H, N, N] in place; out [B, H * N]. Per channel:
+//     w = log_decay_scale * sigmoid(w0 + w_lora)         alpha = sigmoid(a0 + a_lora)
+//     kk = normalize_per_head(k * k_k)                   k' = k * (1 + (alpha - 1) * k_a)
+//     v' = v + (v_first - v) * sigmoid(v0 + v_lora)     (layers > 0)
+//     y = WKV(r, w, k', v', a = -kk, b = kk * alpha)
+//     out = (group_norm_per_head(y) * ln_w + ln_b + sum_head(r * k' * r_k) * v') * g
+void goose_rwkv7_time_mix(int64_t B, int64_t H, int64_t N, const float *r, const float *w_lora, const float *k,
+                          const float *v, const float *a_lora, const float *v_lora, const float *v_first,
+                          const float *g, const float *w0, const float *a0, const float *v0, const float *k_k,
+                          const float *k_a, const float *r_k, const float *ln_w, const float *ln_b, float eps,
+                          float log_decay_scale, float *state, float *out) {
+    const TimeMixParams params{w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, log_decay_scale};
+    const int64_t C = H * N;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < B * H; ++p) {
+        const int64_t c = (p % H) * N, o = (p / H) * C + c;
+        head_time_mix(N, r + o, w_lora + o, k + o, v + o, a_lora + o, v_lora ? v_lora + o : nullptr,
+                      v_first ? v_first + o : nullptr, g + o, params, c, state + p * N * N, out + o);
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,284 @@
+"""Native CPU decode kernels (kernels/csrc/rwkv7_cpu.cpp): built once per machine with the system C++ compiler,
+cached, and loaded with ctypes.
+
+Why: a B=64 decode step spent ~13 ms of ~125 in the WKV-7 step (the state read and written several times per
+token) and ~10 ms more in the time mix's small elementwise ops; the fused kernel does both in one pass per
+head (`goose bench engine` shows the effect; ``decode_kernel="torch"`` is the comparison).
+
+Build: ``$CXX`` (else c++ / g++) with OpenMP, no torch headers (about a second). The shared library goes to
+``$GOOSE_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/goose/kernels`` or ``~/.cache/goose/kernels``) under a name
+hashed from the source and the flags, written atomically, so concurrent processes and later runs share it and
+a machine with a prebuilt library (the Docker image) needs no compiler. On x86-64 the hot functions are built
+for several vector widths and picked at run time, so a library built on one machine runs on another.
+
+``GOOSE_NATIVE_KERNELS``: ``auto`` (default: use them when they build), ``0`` (never), ``1`` (fail loudly when
+they cannot be built). A library is checked against the torch step on a small input before it is used.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from kernels import check_inputs
+
+__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "TimeMixDecode", "build_dir",
+           "SOURCE"]
+
+log = logging.getLogger("goose.kernels")
+
+SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
+ABI_VERSION = 1
+_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-trapping-math"]
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be used here; the message says why (no compiler, build error, disabled)."""
+
+
+class _Lib:
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+        lib.goose_abi_version.restype = ctypes.c_int
+        lib.goose_max_head_size.restype = i64
+        lib.goose_wkv7_step.argtypes = [i64, i64] + [ptr] * 8
+        lib.goose_wkv7_step.restype = None
+        lib.goose_rwkv7_time_mix.argtypes = [i64, i64, i64] + [ptr] * 16 + [f32, f32, ptr, ptr]
+        lib.goose_rwkv7_time_mix.restype = None
+        self.abi = lib.goose_abi_version()
+        self.max_head_size = lib.goose_max_head_size()
+        self.wkv7_step = lib.goose_wkv7_step
+        self.time_mix = lib.goose_rwkv7_time_mix
+        self._handle = lib
+
+
+def build_dir() -> Path:
+    if os.environ.get("GOOSE_KERNEL_DIR"):
+        return Path(os.environ["GOOSE_KERNEL_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "goose" / "kernels"
+
+
+def _flags() -> list[str]:
+    flags = list(_FLAGS)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-DGOOSE_X86_CLONES")
+    return flags
+
+
+def _library_name() -> str:
+    """Hash of what determines the binary: source, flags, platform (not the compiler: a prebuilt library must
+    load on a machine that has none)."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(_flags()).encode())
+    h.update(f"{sys.platform}-{platform.machine()}".encode())
+    return f"rwkv7_cpu-{h.hexdigest()[:16]}.so"
+
+
+def _compiler() -> str:
+    for cand in (os.environ.get("CXX"), "c++", "g++"):
+        if cand and shutil.which(cand):
+            return cand
+    raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    cmd = [_compiler(), *_flags(), str(SOURCE), "-o", tmp]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise NativeUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)          # atomic: a concurrent build or load sees the old file or the whole new one
+    except subprocess.TimeoutExpired:
+        raise NativeUnavailable(f"building {SOURCE.name} took over 300 s; gave up") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built the native CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
+
+
+def _self_test(lib: _Lib) -> None:
+    """The library against the torch step on a small input: a miscompiled kernel must never serve."""
+    from kernels.wkv7_reference import wkv7_step_ as torch_step_
+    g = torch.Generator().manual_seed(0)
+    B, H, N = 2, 3, 16
+    r, k, v = (torch.randn(B, 1, H, N, generator=g) for _ in range(3))
+    w = -0.6 * torch.rand(B, 1, H, N, generator=g)
+    kk = torch.nn.functional.normalize(torch.randn(B, 1, H, N, generator=g), dim=-1)
+    a, b = -kk, kk * torch.rand(B, 1, H, N, generator=g)
+    state = torch.randn(B, H, N, N, generator=g)
+    want_state = state.clone()
+    want = torch_step_(r, w, k, v, a, b, want_state)
+    got = torch.empty_like(r)
+    lib.wkv7_step(B * H, N, *(t.data_ptr() for t in (r, w, k, v, a, b, state, got)))
+    err = max(((got - want).abs().max() / want.abs().max()).item(),
+              ((state - want_state).abs().max() / want_state.abs().max()).item())
+    if not err < 1e-5:
+        raise NativeUnavailable(f"{lib.path} gives wrong results (relative error {err:.2e} against torch)")
+
+
+_lock = threading.Lock()
+_loaded: _Lib | None = None
+_failure: NativeUnavailable | None = None
+
+
+def mode() -> str:
+    mode = (os.environ.get("GOOSE_NATIVE_KERNELS") or "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"GOOSE_NATIVE_KERNELS must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def load() -> _Lib:
+    """The loaded library, building it first if needed; raises NativeUnavailable (the reason) otherwise.
+    The outcome is remembered for the process."""
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _failure is not None:
+            raise _failure
+        if mode() == "0":
+            raise NativeUnavailable("disabled by GOOSE_NATIVE_KERNELS=0")
+        try:
+            path = build_dir() / _library_name()
+            if not path.exists():
+                _build(path)
+            lib = _Lib(path)
+            if lib.abi != ABI_VERSION:
+                raise NativeUnavailable(f"{path} reports ABI {lib.abi}, expected {ABI_VERSION}; delete it to rebuild")
+            _self_test(lib)
+        except NativeUnavailable as exc:
+            _failure = exc
+            raise
+        except OSError as exc:            # unwritable cache directory, a library that does not load
+            _failure = NativeUnavailable(f"native CPU kernels unavailable: {exc}")
+            raise _failure from exc
+        _loaded = lib
+        return lib
+
+
+def ensure_loadable() -> None:
+    """For kernels.get_wkv7: raise NativeUnavailable now rather than at the first call."""
+    load()
+
+
+def available() -> bool:
+    try:
+        load()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def status() -> str:
+    """One line for logs: where the library is, or why there is none."""
+    try:
+        return f"native CPU kernels: {load().path}"
+    except NativeUnavailable as exc:
+        return f"native CPU kernels unavailable: {exc}"
+
+
+def _reset_for_tests() -> None:
+    global _loaded, _failure
+    with _lock:
+        _loaded, _failure = None, None
+
+
+def _f32_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if t.numel() != _numel(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    return t.contiguous()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def wkv7_step_(r, w, k, v, a, b, state):
+    """The registry's ``native_step_``: like ``step_`` (one token, state updated in place, returns y
+    [B, 1, H, N]) for fp32 states on CPU; a strided state is updated through a contiguous copy."""
+    B, T, H, N = check_inputs(r, w, k, v, a, b, state)
+    if T != 1:
+        raise ValueError(f"the single-token step advances exactly one token, got T={T}; use the chunked backend")
+    if state.dtype != torch.float32 or state.device.type != "cpu":
+        raise ValueError(f"the native step runs float32 CPU states, got {state.dtype} on {state.device}")
+    lib = load()
+    if N > lib.max_head_size:
+        raise ValueError(f"head size {N} is above the native kernel's limit {lib.max_head_size}")
+    inputs = [t.to(torch.float32).contiguous() for t in (r, w, k, v, a, b)]
+    S = state if state.is_contiguous() else state.contiguous()
+    y = torch.empty((B, 1, H, N), dtype=torch.float32)
+    if B * H:
+        lib.wkv7_step(B * H, N, *(t.data_ptr() for t in inputs), S.data_ptr(), y.data_ptr())
+    if S is not state:
+        state.copy_(S)
+    return y
+
+
+class TimeMixDecode:
+    """One layer's decode time mix as a native call: from the projections to the output projection's input
+    (formulas in kernels/csrc/rwkv7_cpu.cpp). The layer's vectors are checked and kept at construction, so a
+    call only checks its rows.
+
+    Vectors (float32, H * N values each): w0, a0, v0 (None at the first layer, which has no value residual),
+    k_k, k_a, r_k, ln_w, ln_b. Raises NativeUnavailable when the library cannot be loaded."""
+
+    def __init__(self, n_head: int, head_size: int, *, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps: float,
+                 log_decay_scale: float):
+        self._lib = load()
+        if head_size > self._lib.max_head_size:
+            raise NativeUnavailable(f"head size {head_size} is above the native kernel's limit "
+                                    f"{self._lib.max_head_size}")
+        self.H, self.N = n_head, head_size
+        C = n_head * head_size
+        self._vecs = [_f32_rows(name, t, (C,)) if t is not None else None for name, t in (
+            ("w0", w0), ("a0", a0), ("v0", v0), ("k_k", k_k), ("k_a", k_a), ("r_k", r_k), ("ln_w", ln_w),
+            ("ln_b", ln_b))]
+        self.has_value_residual = v0 is not None
+        self._vec_ptrs = [None if t is None else t.data_ptr() for t in self._vecs]
+        self._eps, self._scale = float(eps), float(log_decay_scale)
+
+    def __call__(self, r, w_lora, k, v, a_lora, v_lora, v_first, g, state: torch.Tensor) -> torch.Tensor:
+        """Rows [B, C] or [B, 1, C] float32 (``v_lora`` and ``v_first`` None exactly when the layer has no
+        value residual); ``state`` [B, H, N, N] float32, contiguous, updated in place. Returns [B, 1, C]."""
+        H, N = self.H, self.N
+        B = state.shape[0]
+        C = H * N
+        if (state.shape != (B, H, N, N) or state.dtype != torch.float32 or state.device.type != "cpu"
+                or not state.is_contiguous()):
+            raise ValueError(f"state must be a contiguous float32 CPU tensor [B, {H}, {N}, {N}], got "
+                             f"{tuple(state.shape)} {state.dtype} on {state.device}"
+                             f"{'' if state.is_contiguous() else ' (strided)'}")
+        if (v_lora is None) != (v_first is None) or (v_lora is not None) != self.has_value_residual:
+            raise ValueError("v_lora and v_first are given exactly when the layer has a value residual (v0)")
+        rows = [None if t is None else _f32_rows(name, t, (B, C)) for name, t in (
+            ("r", r), ("w_lora", w_lora), ("k", k), ("v", v), ("a_lora", a_lora), ("v_lora", v_lora),
+            ("v_first", v_first), ("g", g))]
+        out = torch.empty((B, 1, C), dtype=torch.float32)
+        if B:
+            self._lib.time_mix(B, H, N, *(None if t is None else t.data_ptr() for t in rows), *self._vec_ptrs,
+                               self._eps, self._scale, state.data_ptr(), out.data_ptr())
+        return out
