@@ -29,6 +29,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PATH=/opt/venv/bin:$PATH
 
+# A C++ compiler for this stage only: it builds the native CPU decode kernels (kernels/native.py) below, and the
+# runtime stage copies the built library, not the compiler.
+# DL3008 (pin apt versions) is ignored: g++ is whatever the base image's Debian release ships, and the library it
+# builds is checked against torch's own ops every time it is loaded.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first, in its own layer: the largest download and the one that changes least.
 RUN python -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
@@ -40,6 +49,11 @@ COPY . .
 # live in pyproject.toml (torch, the one large dependency, is pinned above).
 # hadolint ignore=DL3013
 RUN pip install ".[${EXTRAS}]"
+
+# Build the native CPU decode kernels now, into the directory the runtime stage copies and names in
+# GOOSE_KERNEL_DIR: the library is built for every x86-64 vector width and picked at load, so it runs on any host.
+ENV GOOSE_KERNEL_DIR=/opt/goose-kernels
+RUN python -I -c "from kernels import native; print(native.load().path)"
 
 # What the runtime stage copies, at the same paths under /app as in the repository (cp --parents), with modes a
 # non-root user can read (checkpoints are often written 0600). config.yaml gets the image's model.strategy; the
@@ -63,6 +77,7 @@ RUN groupadd --system --gid 10001 goose \
     && useradd --system --uid 10001 --gid goose --no-create-home --home-dir /tmp --shell /usr/sbin/nologin goose
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/goose-kernels /opt/goose-kernels
 COPY --from=builder /stage/app /app
 COPY --from=builder /stage/models /models
 
@@ -73,6 +88,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     GOOSE_CONFIG=/app/config.yaml \
+    GOOSE_KERNEL_DIR=/opt/goose-kernels \
     GOOSE_SERVER_HOST=0.0.0.0
 
 WORKDIR /app

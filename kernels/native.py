@@ -5,7 +5,9 @@ Why: a B=64 decode step spent ~13 ms of ~125 in the WKV-7 step (the state read a
 token) and ~10 ms more in the time mix's small elementwise ops; the fused kernel does both in one pass per
 head (`goose bench engine` shows the effect; ``decode_kernel="torch"`` is the comparison).
 
-Build: ``$CXX`` (else c++ / g++) with OpenMP, no torch headers (about a second). The shared library goes to
+Build: ``$CXX`` (else c++ / g++) with OpenMP, no torch headers (about a second), linked against the OpenMP
+runtime torch itself loaded (by path), so the kernels' loops run on torch's thread pool with its thread count
+rather than on a second pool that would fight it for the cores. The shared library goes to
 ``$GOOSE_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/goose/kernels`` or ``~/.cache/goose/kernels``) under a name
 hashed from the source and the flags, written atomically, so concurrent processes and later runs share it and
 a machine with a prebuilt library (the Docker image) needs no compiler. On x86-64 the hot functions are built
@@ -21,6 +23,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +43,8 @@ log = logging.getLogger("goose.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
 ABI_VERSION = 1
-_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-trapping-math"]
+_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
+_OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
 
 
 class NativeUnavailable(RuntimeError):
@@ -79,11 +83,35 @@ def _flags() -> list[str]:
     return flags
 
 
+def openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; empty elsewhere). torch loads its own."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    found = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        path = fields[5] if len(fields) == 6 else ""
+        if _OPENMP_NAME.match(os.path.basename(path)) and path not in found:
+            found.append(path)
+    return found
+
+
+def _torch_openmp() -> str | None:
+    """The OpenMP runtime torch uses, to link against by path: its soname may be a wheel's private one
+    (libgomp-<hash>.so.1), and a library that asked for the system's libgomp.so.1 instead would start a second
+    thread pool next to torch's."""
+    runtimes = openmp_runtimes()
+    return runtimes[0] if len(runtimes) == 1 else None
+
+
 def _library_name() -> str:
-    """Hash of what determines the binary: source, flags, platform (not the compiler: a prebuilt library must
-    load on a machine that has none)."""
+    """Hash of what determines the binary: source, flags, OpenMP runtime, platform (not the compiler: a
+    prebuilt library must load on a machine that has none)."""
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update(" ".join(_flags()).encode())
+    h.update(os.path.basename(_torch_openmp() or "-fopenmp").encode())
     h.update(f"{sys.platform}-{platform.machine()}".encode())
     return f"rwkv7_cpu-{h.hexdigest()[:16]}.so"
 
@@ -99,18 +127,25 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
-    cmd = [_compiler(), *_flags(), str(SOURCE), "-o", tmp]
+    obj = tmp[:-len(".so")] + ".o"
+    cxx, omp = _compiler(), _torch_openmp()
+    link_omp = [omp, f"-Wl,-rpath,{os.path.dirname(omp)}"] if omp else ["-fopenmp"]
+    steps = ([cxx, *_flags(), "-c", str(SOURCE), "-o", obj],
+             [cxx, "-shared", obj, *link_omp, "-o", tmp])
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise NativeUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise NativeUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
+                                        f"{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)          # atomic: a concurrent build or load sees the old file or the whole new one
     except subprocess.TimeoutExpired:
         raise NativeUnavailable(f"building {SOURCE.name} took over 300 s; gave up") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     log.info("built the native CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
 
 

@@ -385,6 +385,21 @@ def test_image_layout_matches_the_repository():
         assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
 
 
+def test_image_ships_prebuilt_native_kernels():
+    """The builder installs a compiler and builds the native CPU kernels into GOOSE_KERNEL_DIR; the runtime stage
+    copies that directory and points GOOSE_KERNEL_DIR at it (it has no compiler to build them again)."""
+    builder, runtime = stages()[0], stages()[-1]
+    kernel_dir = env_of(builder)["GOOSE_KERNEL_DIR"]
+    assert env_of(runtime)["GOOSE_KERNEL_DIR"] == kernel_dir
+    runs = [c for i in builder if i.cmd == "RUN" for c in shell_commands(i.args)]
+    assert any(c[:2] == ["apt-get", "install"] and "g++" in c for c in runs), "the builder needs g++"
+    build = [i for i, ins in enumerate(builder) if ins.cmd == "RUN" and "native.load()" in ins.args]
+    install = [i for i, ins in enumerate(builder) if ins.cmd == "RUN" and pip_install(shell_commands(ins.args)[0])
+               and any(project_target(t) for t in pip_parts(pip_install(shell_commands(ins.args)[0]))[1])]
+    assert build and install and build[0] > install[0], "the kernels are built after the project is installed"
+    assert any(i.cmd == "COPY" and i.args.split() == ["--from=builder", kernel_dir, kernel_dir] for i in runtime)
+
+
 def _strategy_sed(args: dict[str, str]) -> tuple[str, str]:
     stage_run = next(i.args for i in dockerfile() if i.cmd == "RUN" and "--parents" in i.args)
     (sed,) = [c for c in shell_commands(substitute(stage_run, args)) if c[0] == "sed"]

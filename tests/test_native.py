@@ -150,12 +150,14 @@ def test_build_is_cached_and_shared_between_processes(fresh_native):
     assert lib.path.parent == fresh_native and lib.path.name.startswith("rwkv7_cpu-")
     built = lib.path.stat().st_mtime_ns
     assert [p.name for p in fresh_native.iterdir()] == [lib.path.name]      # no temporary left behind
-    code = ("from kernels import native; lib = native.load(); print(lib.path)")
+    code = "from kernels import native; lib = native.load(); print(lib.path); print(len(native.openmp_runtimes()))"
     env = {**os.environ, "GOOSE_KERNEL_DIR": str(fresh_native), "CXX": "/nonexistent/c++", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(lib.path)                 # loaded without any compiler on the PATH
+    path, runtimes = out.stdout.split()
+    assert path == str(lib.path)                                # loaded without any compiler on the PATH
+    assert runtimes == "1"                                      # torch's OpenMP pool is the only one
     assert lib.path.stat().st_mtime_ns == built
 
 
