@@ -125,7 +125,8 @@ def load_engine(settings: Settings):
                              f"{cfg.vocab_size}; pass the model's tokenizer")
     name = settings.server.served_model_name or meta.get("name") or Path(m.path).stem
     description = (f"{m.path} ({cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, {m.strategy}; "
-                   f"tokenizer {tokenizer.name}; chat template {'goose.json' if meta.get('chat') else 'RWKV'})")
+                   f"tokenizer {tokenizer.name}; chat template {'goose.json' if meta.get('chat') else 'RWKV'}; "
+                   f"kernels: linear {model.linear_backend}, decode {model.decode_kernel})")
     return AsyncEngine(model, tokenizer, settings.engine), ModelInfo(name=str(name), template=template,
                                                                        description=description)
 

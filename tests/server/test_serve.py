@@ -100,3 +100,4 @@ def test_load_engine_reads_goose_json(model_dir):
     engine, info = load_engine(Settings(model=ModelSettings(path=str(model_dir), tokenizer=str(model_dir))))
     assert info.name == "tiny-goose" and info.template.user == "Q" and info.template.stop == ("\n\n", "\nQ:")
     assert engine.tokenizer.eot_id == 0 and "goose.json" in info.description
+    assert f"decode {engine.model.decode_kernel}" in info.description
