@@ -24,10 +24,14 @@ log = logging.getLogger("goose.engine")
 SEQUENCE_BACKENDS = ("chunked", "reference")  # kernels usable for T > 1; decode always uses the in-place step
 
 
+Lora = tuple[torch.Tensor, torch.Tensor]   # (plain [out, in] for F.linear, the same prepared for the backend)
+
+
 @dataclass
 class LayerWeights:
     """One block's tensors, prepared once: vectors fp32, matrices in the matmul dtype laid out [out, in] for
-    ``linear(x, W)`` (the checkpoint's own layout for projections; the LoRA factors are transposed once)."""
+    ``linear(x, W)`` (the checkpoint's own layout for projections; the LoRA factors are transposed once).
+    LoRA factors are (plain, prepared) pairs: see RWKV7._lora."""
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
     att_mix: torch.Tensor                 # [6, 1, 1, C] fp32: x_r, x_k, x_v, x_w, x_a, x_g
@@ -36,16 +40,16 @@ class LayerWeights:
     w_v: torch.Tensor                     # [A, C] value
     w_out: torch.Tensor                   # [C, A]
     w0: torch.Tensor                      # [A] fp32
-    w1: torch.Tensor                      # [Dw, C]
-    w2: torch.Tensor                      # [A, Dw]
+    w1: Lora                              # [Dw, C]
+    w2: Lora                              # [A, Dw]
     a0: torch.Tensor
-    a1: torch.Tensor
-    a2: torch.Tensor
+    a1: Lora
+    a2: Lora
     v0: torch.Tensor | None               # value residual, None at layer 0
-    v1: torch.Tensor | None
-    v2: torch.Tensor | None
-    g1: torch.Tensor
-    g2: torch.Tensor
+    v1: Lora | None
+    v2: Lora | None
+    g1: Lora
+    g2: Lora
     k_k: torch.Tensor                     # [A] fp32
     k_a: torch.Tensor                     # [A] fp32
     r_k: torch.Tensor                     # [H, N] fp32
@@ -76,17 +80,21 @@ class RWKV7:
         self.wkv_backend = wkv_backend
         linear = select_linear(self.device, self.dtype, linear_backend)
         self.linear_backend, self._linear, pack = linear.name, linear.fn, linear.prepare
+        self._small_rows = linear.small_rows
 
         def f32(key: str) -> torch.Tensor:
             return _owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
         mat = lambda key: pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())   # noqa: E731
-        matT = lambda key: pack(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous())  # noqa: E731
+
+        def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
+            plain = _owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
+            return plain, (pack(plain) if linear.small_rows else plain)
         C = config.n_embd
         emb = F.layer_norm(f32("emb.weight"), (C,), f32("blocks.0.ln0.weight"), f32("blocks.0.ln0.bias"), LN_EPS)
         self.emb = emb.to(self.dtype)                       # [V, C], ln0 folded in
         self.ln_out = (f32("ln_out.weight"), f32("ln_out.bias"))
         self.head = mat("head.weight")                      # [V, C]
-        self.layers = [self._prepare_layer(i, f32, mat, matT) for i in range(config.n_layer)]
+        self.layers = [self._prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
         self._native_time_mix = self._prepare_native(native_kernels)
         self.decode_kernel = "native" if self._native_time_mix is not None else "torch"
 
@@ -120,7 +128,7 @@ class RWKV7:
         return None
 
     @staticmethod
-    def _prepare_layer(i, f32, mat, matT) -> LayerWeights:
+    def _prepare_layer(i, f32, mat, lora) -> LayerWeights:
         # projections keep the checkpoint's [out, in]; LoRA factors (stored [in, out]) are transposed
         p = f"blocks.{i}."
         vec = lambda key: f32(p + key).reshape(-1)  # noqa: E731
@@ -131,11 +139,11 @@ class RWKV7:
             att_mix=att_mix,
             w_r=mat(p + "att.receptance.weight"), w_k=mat(p + "att.key.weight"), w_v=mat(p + "att.value.weight"),
             w_out=mat(p + "att.output.weight"),
-            w0=vec("att.w0"), w1=matT(p + "att.w1"), w2=matT(p + "att.w2"),
-            a0=vec("att.a0"), a1=matT(p + "att.a1"), a2=matT(p + "att.a2"),
-            v0=vec("att.v0") if has_v else None, v1=matT(p + "att.v1") if has_v else None,
-            v2=matT(p + "att.v2") if has_v else None,
-            g1=matT(p + "att.g1"), g2=matT(p + "att.g2"),
+            w0=vec("att.w0"), w1=lora(p + "att.w1"), w2=lora(p + "att.w2"),
+            a0=vec("att.a0"), a1=lora(p + "att.a1"), a2=lora(p + "att.a2"),
+            v0=vec("att.v0") if has_v else None, v1=lora(p + "att.v1") if has_v else None,
+            v2=lora(p + "att.v2") if has_v else None,
+            g1=lora(p + "att.g1"), g2=lora(p + "att.g2"),
             k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=f32(p + "att.r_k"),
             ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
             ffn_mix=vec("ffn.x_k"), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),
@@ -209,10 +217,11 @@ class RWKV7:
         mixed = torch.addcmul(h, d, lw.att_mix).to(dt)                                 # [6, B, T, C]
         xr, xk, xv, xw, xa, xg = mixed.unbind(0)
         r, k, v = lin(xr, lw.w_r).float(), lin(xk, lw.w_k).float(), lin(xv, lw.w_v).float()  # [B, T, A]
-        w_lora = lin(torch.tanh(lin(xw, lw.w1)), lw.w2).float()
-        a_lora = lin(lin(xa, lw.a1), lw.a2).float()
-        g = lin(torch.sigmoid(lin(xg, lw.g1)), lw.g2).float()
-        v_lora = lin(lin(xv, lw.v1), lw.v2).float() if i > 0 else None
+        lora = self._lora
+        w_lora = lora(torch.tanh(lora(xw, lw.w1)), lw.w2).float()
+        a_lora = lora(lora(xa, lw.a1), lw.a2).float()
+        g = lora(torch.sigmoid(lora(xg, lw.g1)), lw.g2).float()
+        v_lora = lora(lora(xv, lw.v1), lw.v2).float() if i > 0 else None
         if i == 0:
             v_first = v
         S = state.wkv[i]
@@ -221,6 +230,13 @@ class RWKV7:
         else:
             out = self._time_mix_core(i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state)
         return lin(out.to(dt), lw.w_out).float(), v_first
+
+    def _lora(self, x: torch.Tensor, w: Lora) -> torch.Tensor:
+        """A LoRA product: F.linear on the plain factor for a few rows (decode), where it is ~3x faster than
+        the backend's call overhead on these small matrices, else the backend (see Linear.small_rows)."""
+        if x.numel() <= self._small_rows * x.shape[-1]:
+            return F.linear(x, w[0])
+        return self._linear(x, w[1])
 
     def _time_mix_core(self, i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state) -> torch.Tensor:
         """The time mix between the projections and the output projection, in torch ops (the native

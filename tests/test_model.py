@@ -140,7 +140,8 @@ def test_cuda_matches_cpu(tiny_pth, tiny_model, strategy):
 
 
 def test_linear_backends_agree(tiny_pth, tiny_model):
-    """The oneDNN product (the CPU fp32 default when usable) and F.linear give the same model."""
+    """The oneDNN product (the CPU fp32 default when usable) and F.linear give the same model, over a whole
+    sequence (LoRA products on oneDNN) and a 3-row decode step (LoRA products on F.linear, Linear.small_rows)."""
     aten = load_model(tiny_pth, "cpu fp32", linear_backend="aten")
     assert aten.linear_backend == "aten"
     toks = tokens_for(tiny_model, 3, 40, seed=5)
@@ -169,6 +170,11 @@ def test_linear_backend_choice(tiny_pth, monkeypatch):
     if torch.backends.mkldnn.is_available():
         assert load_model(tiny_pth, "cpu fp32").linear_backend == "onednn"
         assert load_model(tiny_pth, "cpu bf16").linear_backend == "onednn"
+    from engine.linear import _probe, select_linear
+    if _probe(torch.float32)[1]:      # packed fp32: decode's few-row LoRA products go to F.linear (test above)
+        assert select_linear(torch.device("cpu"), torch.float32).small_rows > 1
+    assert select_linear(torch.device("cpu"), torch.bfloat16).small_rows == 0
+    assert select_linear(torch.device("cpu"), torch.float32, "aten").small_rows == 0
     with pytest.raises(ModelLoadError, match="unknown linear backend 'blas'.*auto, onednn, aten"):
         load_model(tiny_pth, "cpu fp32", linear_backend="blas")
     monkeypatch.setenv("GOOSE_LINEAR", "aten")
