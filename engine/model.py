@@ -88,7 +88,8 @@ class RWKV7:
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
             plain = _owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
-            return plain, (pack(plain) if linear.small_rows else plain)
+            prepared = pack(plain)
+            return (plain if linear.small_rows else prepared), prepared    # one copy unless both are used
         C = config.n_embd
         emb = F.layer_norm(f32("emb.weight"), (C,), f32("blocks.0.ln0.weight"), f32("blocks.0.ln0.bias"), LN_EPS)
         self.emb = emb.to(self.dtype)                       # [V, C], ln0 folded in
