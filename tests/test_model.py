@@ -175,6 +175,9 @@ def test_linear_backend_choice(tiny_pth, monkeypatch):
         assert select_linear(torch.device("cpu"), torch.float32).small_rows > 1
     assert select_linear(torch.device("cpu"), torch.bfloat16).small_rows == 0
     assert select_linear(torch.device("cpu"), torch.float32, "aten").small_rows == 0
+    if _probe(torch.bfloat16)[1]:     # bf16 LoRA factors stay packed, one copy
+        w1 = load_model(tiny_pth, "cpu bf16").layers[1].w1
+        assert w1[1].is_mkldnn and w1[0] is w1[1]
     with pytest.raises(ModelLoadError, match="unknown linear backend 'blas'.*auto, onednn, aten"):
         load_model(tiny_pth, "cpu fp32", linear_backend="blas")
     monkeypatch.setenv("GOOSE_LINEAR", "aten")
