@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from engine.request import SamplingParams, TokenLogprob
 
 _NUCLEUS_PROBE = 64          # top-p is first tried within the top 64 tokens, which is exact whenever it suffices
+_NUCLEUS_ROUNDS = 32         # rejection rounds for a wider nucleus before a row falls back to a full sort
 
 
 @dataclass
@@ -100,11 +101,22 @@ def _sample_rows(x: torch.Tensor, rows: list[SamplerRow]) -> list[int]:
     if (min_p > 0).any():
         probs.masked_fill_(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     top_p = torch.tensor([r.params.top_p for r in rows], dtype=x.dtype)
-    nucleus = (top_p < 1.0).nonzero().flatten()
-    if nucleus.numel():
-        probs[nucleus] = _nucleus(probs[nucleus], top_p[nucleus])
     u = torch.cat([torch.rand(1, generator=r.generator) for r in rows])
-    return _inverse_cdf(probs, u).tolist()
+    tokens = torch.zeros(B, dtype=torch.long)
+    in_window = torch.zeros(B, dtype=torch.bool)
+    nucleus = (top_p < 1.0).nonzero().flatten()
+    if nucleus.numel():                   # most rows' nucleus lies in the top 64: sample it there, exactly
+        picked, fits = _nucleus_in_window(_take_rows(probs, nucleus.tolist()), top_p[nucleus], u[nucleus])
+        tokens[nucleus[fits]] = picked[fits]
+        in_window[nucleus[fits]] = True
+    rest = (~in_window).nonzero().flatten()
+    if rest.numel():                      # no top-p, or a wide one: a draw from the whole row first
+        tokens[rest] = _inverse_cdf(_take_rows(probs, rest.tolist()), u[rest])
+        wide = rest[top_p[rest] < 1.0]
+        if wide.numel():
+            tokens[wide] = _nucleus_by_rejection(_take_rows(probs, wide.tolist()), top_p[wide], tokens[wide],
+                                                 [rows[i].generator for i in wide.tolist()])
+    return tokens.tolist()
 
 
 _CDF_BLOCK = 256
@@ -132,22 +144,55 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(last.squeeze(1) >= 0, picked, probs.argmax(-1))
 
 
-def _nucleus(p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row of p [R, V], zero every token outside the smallest most-likely set whose mass (of the row's
-    kept mass) reaches top_p [R]. Exact: the top-k window grows (64, 512, 4096, V) until it holds every
-    row's nucleus, so a full sort happens only for nearly flat distributions."""
+def _nucleus_in_window(p: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor,
+                       k: int = _NUCLEUS_PROBE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p sampling within each row's k most likely tokens. p [R, V] >= 0, top_p and u [R].
+
+    The nucleus is the smallest most-likely set whose mass reaches top_p of the row's mass; where it lies in
+    the window (fits [R] True) the row's token is drawn from it by inverse CDF with u, in the window's
+    most-likely-first order. Returns (tokens [R], fits [R]); tokens of rows that do not fit are meaningless.
+    k = V is the exact full sort."""
     R, V = p.shape
+    k = min(k, V)
     target = (top_p * p.sum(-1)).unsqueeze(1)                       # [R, 1]
-    k = min(_NUCLEUS_PROBE, V)
-    while True:
-        vals, idx = p.topk(k, dim=-1)                               # [R, k] most likely first
-        csum = vals.cumsum(-1)
-        if k == V or bool((csum[:, -1:] >= target).all()):
-            break
-        k = min(k * 8, V)
-    cutoff = torch.searchsorted(csum, target).clamp(max=k - 1) + 1  # tokens kept per row
-    keep = torch.arange(k).unsqueeze(0) < cutoff
-    return torch.zeros_like(p).scatter_(1, idx, vals * keep)
+    vals, idx = p.topk(k, dim=-1)                                   # [R, k] most likely first
+    csum = vals.cumsum(-1)
+    fits = (csum[:, -1:] >= target).squeeze(1) | (k == V)
+    last = torch.searchsorted(csum, target).clamp(max=k - 1)       # [R, 1]: the nucleus is [0, last]
+    mass = csum.gather(1, last)
+    j = torch.minimum(torch.searchsorted(csum, u.unsqueeze(1) * mass, right=True), last)
+    return idx.gather(1, j).squeeze(1), fits
+
+
+def _nucleus_by_rejection(p: torch.Tensor, top_p: torch.Tensor, first: torch.Tensor,
+                          generators: list[torch.Generator]) -> torch.Tensor:
+    """Exact top-p sampling without sorting, for rows whose nucleus is wide (nearly flat distributions, where
+    a sort of [64, 65536] takes ~160 ms and would stall every stream in the batch).
+
+    ``first`` [R] is a token drawn from each whole row (p [R, V], >= 0). Token i is in the nucleus exactly when
+    the mass of the tokens more likely than it is below top_p of the total; a drawn token outside it is
+    rejected, and so is everything not more likely than it, and the row draws again (its own generator) from
+    what is left. Every round's draw is proportional to p over a superset of the nucleus, so the accepted
+    token is distributed as p restricted to the nucleus; each rejection removes at least the rejected token
+    and typically half the rest, so rounds are few (after _NUCLEUS_ROUNDS the row is sorted instead)."""
+    R = p.shape[0]
+    target = top_p * p.sum(-1)                                      # [R]
+    tokens = first.clone()
+    pending = torch.arange(R)
+    for _ in range(_NUCLEUS_ROUNDS):
+        q = p if len(pending) == R else p[pending]
+        pivot = q.gather(1, tokens[pending].unsqueeze(1))           # [P, 1]
+        above = (q * (q > pivot)).sum(-1)                           # mass of the more likely tokens
+        rejected = above >= target[pending]
+        if not bool(rejected.any()):
+            return tokens
+        pending, q = pending[rejected], q[rejected]
+        q = q * (q > pivot[rejected])                               # the top token always survives
+        u = torch.cat([torch.rand(1, generator=generators[i]) for i in pending.tolist()])
+        tokens[pending] = _inverse_cdf(q, u)
+    u = torch.cat([torch.rand(1, generator=generators[i]) for i in pending.tolist()])
+    tokens[pending], _ = _nucleus_in_window(p[pending], top_p[pending], u, k=p.shape[1])
+    return tokens
 
 
 def top_logprobs(logprobs: torch.Tensor, row: int, token: int, k: int) -> TokenLogprob:

@@ -125,3 +125,57 @@ def test_inverse_cdf_matches_a_full_cumsum_and_skips_zero_mass():
             # float32 block sums vs a float64 cumsum may disagree only at a boundary: then the neighbour
             assert ((got - want).abs() <= 1).all() and (got == want).float().mean() >= 5 / 6, (V, u, got, want)
     assert _inverse_cdf(torch.zeros(2, 300), torch.tensor([0.5, 0.1])).tolist() == [0, 0]
+
+
+def _exact_nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Reference: sort, keep the prefix until the mass reaches top_p (float64)."""
+    vals, idx = p.double().sort(descending=True)
+    n = int((vals.cumsum(0) < top_p * vals.sum()).sum()) + 1
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[idx[:n]] = True
+    return keep
+
+
+def test_wide_nucleus_is_sampled_exactly():
+    """A nearly flat row's nucleus holds far more than the 64-token window: it is sampled by rejection, only
+    from the nucleus, in proportion to the probabilities, reproducibly per seed whatever else is batched."""
+    from engine.sampling import _NUCLEUS_PROBE, _nucleus_in_window
+    Vw = 3000
+    x = torch.randn(1, Vw, generator=torch.Generator().manual_seed(0)) * 0.5
+    p = torch.softmax(x[0], -1)
+    keep = _exact_nucleus(p, 0.6)
+    assert keep.sum() > 10 * _NUCLEUS_PROBE
+    assert not _nucleus_in_window(p.unsqueeze(0), torch.tensor([0.6]), torch.tensor([0.5]))[1].item()  # too wide
+    r = SamplerRow(SamplingParams(seed=3, top_p=0.6), make_generator(3))
+    draws = torch.tensor([sample(x, [r], want_logprobs=False)[0][0] for _ in range(6000)])
+    assert keep[draws].all()
+    # proportional to p inside the nucleus: compare the mass of its top and bottom halves by probability
+    inside = keep.nonzero().flatten()
+    order = inside[p[inside].argsort(descending=True)]
+    upper = set(order[: len(order) // 2].tolist())
+    want = float(p[order[: len(order) // 2]].sum() / p[inside].sum())
+    got = sum(int(d) in upper for d in draws.tolist()) / len(draws)
+    assert abs(got - want) < 0.03, (got, want)
+    # the same seed alone and next to a peaked row (window path) and a greedy row
+    peaked = torch.full((1, Vw), -20.0)
+    peaked[0, :3] = torch.tensor([3.0, 2.0, 1.0])
+    rows_a = [SamplerRow(SamplingParams(seed=11, top_p=0.6), make_generator(11))]
+    rows_b = [SamplerRow(SamplingParams(seed=5, top_p=0.9), make_generator(5)),
+              SamplerRow(SamplingParams(seed=11, top_p=0.6), make_generator(11)),
+              SamplerRow(SamplingParams(temperature=0), make_generator(None))]
+    alone = [sample(x, rows_a, want_logprobs=False)[0][0] for _ in range(50)]
+    batched = [sample(torch.cat([peaked, x, peaked]), rows_b, want_logprobs=False)[0] for _ in range(50)]
+    assert alone == [b[1] for b in batched]
+    assert all(b[0] in (0, 1) and b[2] == 0 for b in batched)
+
+
+def test_rejection_rounds_end_in_the_exact_sort(monkeypatch):
+    """With no rounds left, a wide-nucleus row is finished by the full sort: still only nucleus tokens."""
+    import engine.sampling as sampling
+    monkeypatch.setattr(sampling, "_NUCLEUS_ROUNDS", 0)
+    x = torch.randn(2, 2000, generator=torch.Generator().manual_seed(1)) * 0.3
+    keep = [_exact_nucleus(torch.softmax(x[i], -1), 0.3) for i in range(2)]
+    rows = [SamplerRow(SamplingParams(seed=i, top_p=0.3), make_generator(i)) for i in range(2)]
+    for _ in range(200):
+        toks = sample(x, rows, want_logprobs=False)[0]
+        assert keep[0][toks[0]] and keep[1][toks[1]]
