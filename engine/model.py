@@ -21,7 +21,7 @@ LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCAL
 LN_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5                  # head_size * 1e-5 in every released model (RWKV-LM "notice eps value")
 log = logging.getLogger("goose.engine")
-SEQUENCE_BACKENDS = ("chunked", "reference")  # kernels usable for T > 1; decode always uses the in-place step
+SEQUENCE_BACKENDS = ("chunked", "reference")  # torch kernels for T > 1 when the native time mix is off
 
 
 Lora = tuple[torch.Tensor, torch.Tensor]   # (plain [out, in] for F.linear, the same prepared for the backend)
@@ -100,7 +100,8 @@ class RWKV7:
         self.decode_kernel = "native" if self._native_time_mix is not None else "torch"
 
     def _prepare_native(self, wanted: bool | None):
-        """The fused native decode time mix per layer (kernels/native.py), or None for the torch ops.
+        """The fused native time mix per layer (kernels/native.py), for decode and prompts, or None for the
+        torch ops (the WKV backend's chunked form for prompts, the step for decode).
 
         wanted: None = when it can be used (CPU, fp32 state, not the reference backend, the library builds;
         GOOSE_NATIVE_KERNELS=1 turns a failure to build into an error), True = required, False = never."""
@@ -116,7 +117,7 @@ class RWKV7:
         if reason is None:
             cfg = self.config
             try:
-                return [native.TimeMixDecode(
+                return [native.TimeMix(
                     cfg.n_head, cfg.head_size, w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a,
                     r_k=lw.r_k, ln_w=lw.ln_x[0], ln_b=lw.ln_x[1], eps=GROUP_NORM_EPS,
                     log_decay_scale=LOG_DECAY_SCALE) for lw in self.layers]
@@ -226,7 +227,7 @@ class RWKV7:
         if i == 0:
             v_first = v
         S = state.wkv[i]
-        if T == 1 and self._native_time_mix is not None and S.is_contiguous():
+        if self._native_time_mix is not None and S.is_contiguous():
             out = self._native_time_mix[i](r, w_lora, k, v, a_lora, v_lora, v_first if i > 0 else None, g, S)
         else:
             out = self._time_mix_core(i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state)
@@ -241,7 +242,7 @@ class RWKV7:
 
     def _time_mix_core(self, i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state) -> torch.Tensor:
         """The time mix between the projections and the output projection, in torch ops (the native
-        kernel's ground truth and the path for prefill, CUDA and strided states)."""
+        kernel's ground truth, and the path on CUDA, without the native kernels, and for strided states)."""
         B, T, _ = r.shape
         H, N = self.config.n_head, self.config.head_size
         log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + w_lora)

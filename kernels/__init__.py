@@ -26,8 +26,9 @@ Backends:
     chunked    the WY/UT chunked form: O(T/L) sequential steps of batched matmuls, differentiable
     step       the single-token update used by decode (T must be 1)
     step_      the same, updating the state in place and returning only y (the torch "_" convention)
-    native_step_  step_ as a native CPU kernel (kernels/native.py: fp32 CPU states, built with the system
-               C++ compiler on first use); decode uses its fused form, the whole time mix in one pass
+    native     token by token in native code (kernels/native.py: fp32 CPU states, built with the system C++
+               compiler on first use); on CPU the model runs its fused form, the whole time mix in one pass
+    native_step_  step_ in native code
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "chunked": ("kernels.wkv7_chunked", "wkv7_chunked"),
     "step": ("kernels.wkv7_reference", "wkv7_step"),
     "step_": ("kernels.wkv7_reference", "wkv7_step_"),   # in place, for decode
+    "native": ("kernels.native", "wkv7_native"),
     "native_step_": ("kernels.native", "wkv7_step_"),
 }
 

@@ -1,9 +1,11 @@
-"""Native CPU decode kernels (kernels/csrc/rwkv7_cpu.cpp): built once per machine with the system C++ compiler,
-cached, and loaded with ctypes.
+"""Native CPU kernels for RWKV-7's time mix (kernels/csrc/rwkv7_cpu.cpp): built once per machine with the
+system C++ compiler, cached, and loaded with ctypes.
 
 Why: a B=64 decode step spent ~13 ms of ~125 in the WKV-7 step (the state read and written several times per
-token) and ~10 ms more in the time mix's small elementwise ops; the fused kernel does both in one pass per
-head (`goose bench engine` shows the effect; ``decode_kernel="torch"`` is the comparison).
+token) and ~10 ms more in the time mix's small elementwise ops; a 1024-token prompt spent ~470 ms in the
+chunked WKV form (~39 ms a layer) against ~9 ms a layer for the plain recurrence with each head's state held
+in L1. The fused kernel does the recurrence and the per-head work in one pass for decode and prompts alike
+(``load_model(..., native_kernels=False)`` and ``GOOSE_NATIVE_KERNELS=0`` give the torch ops to compare).
 
 Build: ``$CXX`` (else c++ / g++) with OpenMP, no torch headers (about a second), linked against the OpenMP
 runtime torch itself loaded (by path), so the kernels' loops run on torch's thread pool with its thread count
@@ -36,13 +38,13 @@ import torch
 
 from kernels import check_inputs
 
-__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "TimeMixDecode", "build_dir",
+__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "build_dir",
            "SOURCE"]
 
 log = logging.getLogger("goose.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
 _OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
 
@@ -58,13 +60,13 @@ class _Lib:
         i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
         lib.goose_abi_version.restype = ctypes.c_int
         lib.goose_max_head_size.restype = i64
-        lib.goose_wkv7_step.argtypes = [i64, i64] + [ptr] * 8
-        lib.goose_wkv7_step.restype = None
-        lib.goose_rwkv7_time_mix.argtypes = [i64, i64, i64] + [ptr] * 16 + [f32, f32, ptr, ptr]
+        lib.goose_wkv7_seq.argtypes = [i64, i64, i64, i64] + [ptr] * 8
+        lib.goose_wkv7_seq.restype = None
+        lib.goose_rwkv7_time_mix.argtypes = [i64, i64, i64, i64] + [ptr] * 16 + [f32, f32, ptr, ptr]
         lib.goose_rwkv7_time_mix.restype = None
         self.abi = lib.goose_abi_version()
         self.max_head_size = lib.goose_max_head_size()
-        self.wkv7_step = lib.goose_wkv7_step
+        self.wkv7_seq = lib.goose_wkv7_seq
         self.time_mix = lib.goose_rwkv7_time_mix
         self._handle = lib
 
@@ -153,16 +155,16 @@ def _self_test(lib: _Lib) -> None:
     """The library against the torch step on a small input: a miscompiled kernel must never serve."""
     from kernels.wkv7_reference import wkv7_step_ as torch_step_
     g = torch.Generator().manual_seed(0)
-    B, H, N = 2, 3, 16
-    r, k, v = (torch.randn(B, 1, H, N, generator=g) for _ in range(3))
-    w = -0.6 * torch.rand(B, 1, H, N, generator=g)
-    kk = torch.nn.functional.normalize(torch.randn(B, 1, H, N, generator=g), dim=-1)
-    a, b = -kk, kk * torch.rand(B, 1, H, N, generator=g)
+    B, T, H, N = 2, 3, 3, 16
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    w = -0.6 * torch.rand(B, T, H, N, generator=g)
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    a, b = -kk, kk * torch.rand(B, T, H, N, generator=g)
     state = torch.randn(B, H, N, N, generator=g)
     want_state = state.clone()
-    want = torch_step_(r, w, k, v, a, b, want_state)
+    want = torch.cat([torch_step_(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), want_state) for t in range(T)], 1)
     got = torch.empty_like(r)
-    lib.wkv7_step(B * H, N, *(t.data_ptr() for t in (r, w, k, v, a, b, state, got)))
+    lib.wkv7_seq(B, T, H, N, *(t.data_ptr() for t in (r, w, k, v, a, b, state, got)))
     err = max(((got - want).abs().max() / want.abs().max()).item(),
               ((state - want_state).abs().max() / want_state.abs().max()).item())
     if not err < 1e-5:
@@ -252,31 +254,48 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def wkv7_step_(r, w, k, v, a, b, state):
-    """The registry's ``native_step_``: like ``step_`` (one token, state updated in place, returns y
-    [B, 1, H, N]) for fp32 states on CPU; a strided state is updated through a contiguous copy."""
+def _checked(r, w, k, v, a, b, state, what: str):
+    """(library, (B, T, H, N), the six inputs as contiguous float32) for the registry's native backends."""
     B, T, H, N = check_inputs(r, w, k, v, a, b, state)
-    if T != 1:
-        raise ValueError(f"the single-token step advances exactly one token, got T={T}; use the chunked backend")
     if state.dtype != torch.float32 or state.device.type != "cpu":
-        raise ValueError(f"the native step runs float32 CPU states, got {state.dtype} on {state.device}")
+        raise ValueError(f"the native {what} runs float32 CPU states, got {state.dtype} on {state.device}")
     lib = load()
     if N > lib.max_head_size:
         raise ValueError(f"head size {N} is above the native kernel's limit {lib.max_head_size}")
-    inputs = [t.to(torch.float32).contiguous() for t in (r, w, k, v, a, b)]
+    return lib, (B, T, H, N), [t.to(torch.float32).contiguous() for t in (r, w, k, v, a, b)]
+
+
+def wkv7_step_(r, w, k, v, a, b, state):
+    """The registry's ``native_step_``: like ``step_`` (one token, state updated in place, returns y
+    [B, 1, H, N]) for fp32 states on CPU; a strided state is updated through a contiguous copy."""
+    if r.dim() == 4 and r.shape[1] != 1:
+        raise ValueError(f"the single-token step advances exactly one token, got T={r.shape[1]}; "
+                         "use the native backend")
+    lib, (B, T, H, N), inputs = _checked(r, w, k, v, a, b, state, "step")
     S = state if state.is_contiguous() else state.contiguous()
     y = torch.empty((B, 1, H, N), dtype=torch.float32)
     if B * H:
-        lib.wkv7_step(B * H, N, *(t.data_ptr() for t in inputs), S.data_ptr(), y.data_ptr())
+        lib.wkv7_seq(B, 1, H, N, *(t.data_ptr() for t in inputs), S.data_ptr(), y.data_ptr())
     if S is not state:
         state.copy_(S)
     return y
 
 
-class TimeMixDecode:
-    """One layer's decode time mix as a native call: from the projections to the output projection's input
-    (formulas in kernels/csrc/rwkv7_cpu.cpp). The layer's vectors are checked and kept at construction, so a
-    call only checks its rows.
+def wkv7_native(r, w, k, v, a, b, state):
+    """The registry's ``native`` sequence backend: the recurrence token by token in native code, for float32
+    CPU states; returns (y [B, T, H, N], new state) and leaves ``state`` as it was."""
+    lib, (B, T, H, N), inputs = _checked(r, w, k, v, a, b, state, "backend")
+    new_state = state.contiguous().clone()
+    y = torch.empty((B, T, H, N), dtype=torch.float32)
+    if B * H * T:
+        lib.wkv7_seq(B, T, H, N, *(t.data_ptr() for t in inputs), new_state.data_ptr(), y.data_ptr())
+    return y, new_state
+
+
+class TimeMix:
+    """One layer's time mix as a native call, for decode (T = 1) and prompts alike: from the projections to the
+    output projection's input (formulas in kernels/csrc/rwkv7_cpu.cpp). The layer's vectors are checked and
+    kept at construction, so a call only checks its rows.
 
     Vectors (float32, H * N values each): w0, a0, v0 (None at the first layer, which has no value residual),
     k_k, k_a, r_k, ln_w, ln_b. Raises NativeUnavailable when the library cannot be loaded."""
@@ -297,23 +316,26 @@ class TimeMixDecode:
         self._eps, self._scale = float(eps), float(log_decay_scale)
 
     def __call__(self, r, w_lora, k, v, a_lora, v_lora, v_first, g, state: torch.Tensor) -> torch.Tensor:
-        """Rows [B, C] or [B, 1, C] float32 (``v_lora`` and ``v_first`` None exactly when the layer has no
-        value residual); ``state`` [B, H, N, N] float32, contiguous, updated in place. Returns [B, 1, C]."""
+        """Rows [B, T, C] float32 (``v_lora`` and ``v_first`` None exactly when the layer has no value
+        residual); ``state`` [B, H, N, N] float32, contiguous, advanced in place through the T tokens.
+        Returns [B, T, C]."""
         H, N = self.H, self.N
-        B = state.shape[0]
         C = H * N
+        if r.dim() != 3 or r.shape[-1] != C:
+            raise ValueError(f"r must be [B, T, {C}], got {tuple(r.shape)}")
+        B, T, _ = r.shape
         if (state.shape != (B, H, N, N) or state.dtype != torch.float32 or state.device.type != "cpu"
                 or not state.is_contiguous()):
-            raise ValueError(f"state must be a contiguous float32 CPU tensor [B, {H}, {N}, {N}], got "
+            raise ValueError(f"state must be a contiguous float32 CPU tensor [{B}, {H}, {N}, {N}], got "
                              f"{tuple(state.shape)} {state.dtype} on {state.device}"
                              f"{'' if state.is_contiguous() else ' (strided)'}")
         if (v_lora is None) != (v_first is None) or (v_lora is not None) != self.has_value_residual:
             raise ValueError("v_lora and v_first are given exactly when the layer has a value residual (v0)")
-        rows = [None if t is None else _f32_rows(name, t, (B, C)) for name, t in (
+        rows = [None if t is None else _f32_rows(name, t, (B, T, C)) for name, t in (
             ("r", r), ("w_lora", w_lora), ("k", k), ("v", v), ("a_lora", a_lora), ("v_lora", v_lora),
             ("v_first", v_first), ("g", g))]
-        out = torch.empty((B, 1, C), dtype=torch.float32)
-        if B:
-            self._lib.time_mix(B, H, N, *(None if t is None else t.data_ptr() for t in rows), *self._vec_ptrs,
+        out = torch.empty((B, T, C), dtype=torch.float32)
+        if B and T:
+            self._lib.time_mix(B, T, H, N, *(None if t is None else t.data_ptr() for t in rows), *self._vec_ptrs,
                                self._eps, self._scale, state.data_ptr(), out.data_ptr())
         return out

@@ -50,6 +50,18 @@ def test_native_step_matches_reference(B, H, N):
 
 
 @needs_native
+@pytest.mark.parametrize("T", [1, 17, 200])
+def test_native_sequence_matches_reference(T):
+    args = make_inputs(2, T, 3, 64, torch.float32, seed=T)
+    y_ref, s_ref = get_wkv7("reference")(*args)
+    before = args[-1].clone()
+    y, s = get_wkv7("native")(*args)
+    assert y.shape == (2, T, 3, 64) and s.shape == (2, 3, 64, 64)
+    assert rel_err(y, y_ref) < 5e-6 and rel_err(s, s_ref) < 5e-6
+    assert torch.equal(args[-1], before)                       # the functional form leaves the state alone
+
+
+@needs_native
 def test_native_step_on_a_strided_state_and_extreme_decays():
     """A strided view of a larger state is updated in place; decays at both ends of the range stay exact."""
     r, w, k, v, a, b, s0 = make_inputs(3, 1, 2, 64, torch.float32, seed=9)
@@ -85,18 +97,19 @@ def test_native_step_refuses_what_it_cannot_run():
 @needs_native
 @pytest.mark.parametrize("shape", sorted(PARITY_SHAPES))
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-6), ("bf16", 3e-2)])
-def test_native_decode_matches_torch_ops(tmp_path, shape, dtype, tol):
-    """Decoding with the fused kernel gives the torch ops' logits and states, with and without a value
-    residual at layer 0 and at head sizes 64 and 32, over several steps of a batch."""
+def test_native_time_mix_matches_torch_ops(tmp_path, shape, dtype, tol):
+    """The fused kernel gives the torch ops' logits and states, for a batch of prompts (every position) and
+    then several decode steps, with and without a value residual at layer 0, at head sizes 64 and 32."""
     path = tmp_path / "m.pth"
     write_checkpoint(path, PARITY_SHAPES[shape], seed=4)
     fast = load_model(path, f"cpu {dtype}")
     slow = load_model(path, f"cpu {dtype}", native_kernels=False)
     assert (fast.decode_kernel, slow.decode_kernel) == ("native", "torch")
     V = fast.config.vocab_size
-    prompt = tokens(3, 12, V, seed=1)
-    _, s_fast = fast.forward(prompt)
-    _, s_slow = slow.forward(prompt)
+    prompt = tokens(3, 70, V, seed=1)
+    l_fast, s_fast = fast.forward(prompt, full_output=True)
+    l_slow, s_slow = slow.forward(prompt, full_output=True)
+    assert rel_err(l_fast, l_slow) < 10 * tol                  # the chunked form rounds differently over 70 tokens
     for step in range(5):
         tok = tokens(3, 1, V, seed=10 + step)
         l_fast, s_fast = fast.forward(tok, s_fast)
@@ -196,7 +209,7 @@ def test_a_library_giving_wrong_results_is_refused(fresh_native, monkeypatch):
 
     def broken(self, path):
         real_init(self, path)
-        self.wkv7_step = lambda *args: None                   # a kernel that computes nothing
+        self.wkv7_seq = lambda *args: None                    # a kernel that computes nothing
     monkeypatch.setattr(native._Lib, "__init__", broken)
     with pytest.raises(native.NativeUnavailable, match="gives wrong results"):
         native.load()

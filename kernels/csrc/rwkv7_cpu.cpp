@@ -1,10 +1,12 @@
-// Native CPU kernels for RWKV-7 decode (one token per sequence), built and loaded by kernels/native.py.
+// Native CPU kernels for RWKV-7's time mix, built and loaded by kernels/native.py.
 //
 // The WKV-7 step in torch ops reads and writes each [N, N] state several times (one batched matmul for S a
 // and S (e^w * r), a scaling pass, two rank-1 updates) and every small elementwise op of the time mix is a
 // separate pass with its own thread fork/join. Here each (sequence, head) pair is one task that keeps its
 // 16 KB state in L1: one read and one write of the state, with the time mix's per-head work (decay, in-context
 // learning rate, key normalisation, value residual, group norm, bonus and gate) done on the same 64 values.
+// For a prompt the same task walks its head through all T tokens with the state still in L1: the recurrence
+// token by token, exactly as written, ~4x faster on CPU than the chunked matmul form (which suits GPUs).
 //
 // Plain C ABI over raw fp32 pointers (no torch headers, so a build takes about a second); the caller checks
 // shapes, dtypes and contiguity. Threads: OpenMP, which resolves to the libgomp torch has already loaded, so
@@ -85,7 +87,7 @@ struct TimeMixParams {           // per-channel vectors of one layer, each [H * 
     float eps, log_decay_scale;
 };
 
-// One head of the time mix after the projections (see goose_rwkv7_time_mix for the formulas).
+// One head, one token of the time mix after the projections (see goose_rwkv7_time_mix for the formulas).
 GOOSE_CLONES
 void head_time_mix(int64_t N, const float *r, const float *w_lora, const float *k_in, const float *v_in,
                    const float *a_lora, const float *v_lora, const float *v_first, const float *g,
@@ -144,29 +146,34 @@ void head_time_mix(int64_t N, const float *r, const float *w_lora, const float *
 extern "C" {
 
 // Bumped whenever a signature below changes; kernels/native.py refuses a library reporting another number.
-int goose_abi_version() { return 1; }
+int goose_abi_version() { return 2; }
 
 int64_t goose_max_head_size() { return kMaxHeadSize; }
 
-// The WKV-7 step for P = B * H heads: r, w (log decay), k, v, a, b, y are [P, N]; state is [P, N, N].
-void goose_wkv7_step(int64_t P, int64_t N, const float *r, const float *w, const float *k, const float *v,
-                     const float *a, const float *b, float *state, float *y) {
+// The WKV-7 recurrence over T tokens: r, w (log decay), k, v, a, b, y are [B, T, H, N]; state [B, H, N, N] is
+// advanced in place through all T tokens.
+void goose_wkv7_seq(int64_t B, int64_t T, int64_t H, int64_t N, const float *r, const float *w, const float *k,
+                    const float *v, const float *a, const float *b, float *state, float *y) {
 #pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < P; ++p)
-        head_step(N, r + p * N, w + p * N, k + p * N, v + p * N, a + p * N, b + p * N, state + p * N * N,
-                  y + p * N);
+    for (int64_t p = 0; p < B * H; ++p) {
+        const int64_t bi = p / H, h = p % H;
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t o = ((bi * T + t) * H + h) * N;
+            head_step(N, r + o, w + o, k + o, v + o, a + o, b + o, state + p * N * N, y + o);
+        }
+    }
 }
 
-// One decode token of an RWKV-7 time mix, from the projections to the input of the output projection.
-// Rows [B, H * N]: r, k, v (projections), w_lora (w1/w2 LoRA output), a_lora (a1/a2 output), v_lora (v1/v2
+// T tokens of an RWKV-7 time mix, from the projections to the input of the output projection.
+// Rows [B, T, H * N]: r, k, v (projections), w_lora (w1/w2 LoRA output), a_lora (a1/a2 output), v_lora (v1/v2
 // output, or null at the first layer, which has no value residual), v_first (layer 0's v; null with v_lora),
-// g (gate). state [B, H, N, N] in place; out [B, H * N]. Per channel:
+// g (gate). state [B, H, N, N] advanced in place through the T tokens; out [B, T, H * N]. Per channel:
 //     w = log_decay_scale * sigmoid(w0 + w_lora)         alpha = sigmoid(a0 + a_lora)
 //     kk = normalize_per_head(k * k_k)                   k' = k * (1 + (alpha - 1) * k_a)
 //     v' = v + (v_first - v) * sigmoid(v0 + v_lora)     (layers > 0)
 //     y = WKV(r, w, k', v', a = -kk, b = kk * alpha)
 //     out = (group_norm_per_head(y) * ln_w + ln_b + sum_head(r * k' * r_k) * v') * g
-void goose_rwkv7_time_mix(int64_t B, int64_t H, int64_t N, const float *r, const float *w_lora, const float *k,
+void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N, const float *r, const float *w_lora, const float *k,
                           const float *v, const float *a_lora, const float *v_lora, const float *v_first,
                           const float *g, const float *w0, const float *a0, const float *v0, const float *k_k,
                           const float *k_a, const float *r_k, const float *ln_w, const float *ln_b, float eps,
@@ -175,9 +182,12 @@ void goose_rwkv7_time_mix(int64_t B, int64_t H, int64_t N, const float *r, const
     const int64_t C = H * N;
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < B * H; ++p) {
-        const int64_t c = (p % H) * N, o = (p / H) * C + c;
-        head_time_mix(N, r + o, w_lora + o, k + o, v + o, a_lora + o, v_lora ? v_lora + o : nullptr,
-                      v_first ? v_first + o : nullptr, g + o, params, c, state + p * N * N, out + o);
+        const int64_t c = (p % H) * N;
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t o = ((p / H) * T + t) * C + c;
+            head_time_mix(N, r + o, w_lora + o, k + o, v + o, a_lora + o, v_lora ? v_lora + o : nullptr,
+                          v_first ? v_first + o : nullptr, g + o, params, c, state + p * N * N, out + o);
+        }
     }
 }
 
