@@ -213,25 +213,31 @@ class RWKV7:
     def _time_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState, v_first):
         B, T, C = h.shape
         dt = self.dtype
-        d = self._shift(h, state.att_x[i]) - h
+        if self._native_time_mix is not None:          # CPU, so dt is float32 or bfloat16
+            mixed = native.shift_mix(h, state.att_x[i], lw.att_mix.view(6, C), dt)       # [6, B, T, C]
+        else:
+            mixed = torch.addcmul(h, self._shift(h, state.att_x[i]) - h, lw.att_mix).to(dt)
         state.att_x[i].copy_(h[:, -1])
         lin = self._linear
-        mixed = torch.addcmul(h, d, lw.att_mix).to(dt)                                 # [6, B, T, C]
         xr, xk, xv, xw, xa, xg = mixed.unbind(0)
-        r, k, v = lin(xr, lw.w_r).float(), lin(xk, lw.w_k).float(), lin(xv, lw.w_v).float()  # [B, T, A]
+        S = state.wkv[i]
+        fused = self._native_time_mix is not None and S.is_contiguous()
+        # the native kernel takes the projections in their dtype (it widens bf16 itself): no float copies
+        rows = (lambda t: t) if fused else (lambda t: t.float())  # noqa: E731
+        r, k, v = rows(lin(xr, lw.w_r)), rows(lin(xk, lw.w_k)), rows(lin(xv, lw.w_v))       # [B, T, A]
         lora = self._lora
-        w_lora = lora(torch.tanh(lora(xw, lw.w1)), lw.w2).float()
-        a_lora = lora(lora(xa, lw.a1), lw.a2).float()
-        g = lora(torch.sigmoid(lora(xg, lw.g1)), lw.g2).float()
-        v_lora = lora(lora(xv, lw.v1), lw.v2).float() if i > 0 else None
+        w_lora = rows(lora(torch.tanh(lora(xw, lw.w1)), lw.w2))
+        a_lora = rows(lora(lora(xa, lw.a1), lw.a2))
+        g = rows(lora(torch.sigmoid(lora(xg, lw.g1)), lw.g2))
+        v_lora = rows(lora(lora(xv, lw.v1), lw.v2)) if i > 0 else None
         if i == 0:
             v_first = v
-        S = state.wkv[i]
-        if self._native_time_mix is not None and S.is_contiguous():
-            out = self._native_time_mix[i](r, w_lora, k, v, a_lora, v_lora, v_first if i > 0 else None, g, S)
+        if fused:
+            first = v_first.to(r.dtype) if i > 0 else None       # (float32 if layer 0 took the torch ops)
+            out = self._native_time_mix[i](r, w_lora, k, v, a_lora, v_lora, first, g, S, out_dtype=dt)
         else:
-            out = self._time_mix_core(i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state)
-        return lin(out.to(dt), lw.w_out).float(), v_first
+            out = self._time_mix_core(i, lw, r, w_lora, k, v, a_lora, v_lora, v_first, g, state).to(dt)
+        return lin(out, lw.w_out), v_first          # in dt: the residual add widens it
 
     def _lora(self, x: torch.Tensor, w: Lora) -> torch.Tensor:
         """A LoRA product: F.linear on the plain factor for a few rows (decode), where it is ~3x faster than
@@ -269,11 +275,13 @@ class RWKV7:
         return y
 
     def _channel_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState) -> torch.Tensor:
-        d = self._shift(h, state.ffn_x[i]) - h
+        if self._native_time_mix is not None:
+            xk = native.shift_mix(h, state.ffn_x[i], lw.ffn_mix.view(1, -1), self.dtype)[0]
+        else:
+            xk = torch.addcmul(h, self._shift(h, state.ffn_x[i]) - h, lw.ffn_mix).to(self.dtype)
         state.ffn_x[i].copy_(h[:, -1])
-        xk = torch.addcmul(h, d, lw.ffn_mix).to(self.dtype)
         hidden = torch.relu_(self._linear(xk, lw.ffn_key)).square_()                   # [B, T, F]
-        return self._linear(hidden, lw.ffn_value).float()
+        return self._linear(hidden, lw.ffn_value)          # in dt: the residual add widens it
 
 
 def _native_mode() -> str:

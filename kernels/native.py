@@ -38,14 +38,15 @@ import torch
 
 from kernels import check_inputs
 
-__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "build_dir",
+__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "shift_mix", "build_dir",
            "SOURCE"]
 
 log = logging.getLogger("goose.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 4
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
+_MIX_DTYPES = {torch.float32: 0, torch.bfloat16: 1}    # the dtypes rows come and go in (flag values for C)
 _OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
 
 
@@ -62,12 +63,16 @@ class _Lib:
         lib.goose_max_head_size.restype = i64
         lib.goose_wkv7_seq.argtypes = [i64, i64, i64, i64] + [ptr] * 8
         lib.goose_wkv7_seq.restype = None
-        lib.goose_rwkv7_time_mix.argtypes = [i64, i64, i64, i64] + [ptr] * 16 + [f32, f32, ptr, ptr]
+        lib.goose_rwkv7_time_mix.argtypes = [i64, i64, i64, i64, ctypes.c_int, ctypes.c_int] + [ptr] * 16 + [
+            f32, f32, ptr, ptr]
         lib.goose_rwkv7_time_mix.restype = None
+        lib.goose_shift_mix.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr]
+        lib.goose_shift_mix.restype = None
         self.abi = lib.goose_abi_version()
         self.max_head_size = lib.goose_max_head_size()
         self.wkv7_seq = lib.goose_wkv7_seq
         self.time_mix = lib.goose_rwkv7_time_mix
+        self.shift_mix = lib.goose_shift_mix
         self._handle = lib
 
 
@@ -239,12 +244,17 @@ def _reset_for_tests() -> None:
         _loaded, _failure = None, None
 
 
-def _f32_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+def _rows(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if t.device.type != "cpu" or t.dtype != dtype:
+        raise ValueError(f"{name} must be a {str(dtype).replace('torch.', '')} CPU tensor, got {t.dtype} on "
+                         f"{t.device}")
     if t.numel() != _numel(shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
     return t.contiguous()
+
+
+def _f32_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return _rows(name, t, shape, torch.float32)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -315,10 +325,11 @@ class TimeMix:
         self._vec_ptrs = [None if t is None else t.data_ptr() for t in self._vecs]
         self._eps, self._scale = float(eps), float(log_decay_scale)
 
-    def __call__(self, r, w_lora, k, v, a_lora, v_lora, v_first, g, state: torch.Tensor) -> torch.Tensor:
-        """Rows [B, T, C] float32 (``v_lora`` and ``v_first`` None exactly when the layer has no value
-        residual); ``state`` [B, H, N, N] float32, contiguous, advanced in place through the T tokens.
-        Returns [B, T, C]."""
+    def __call__(self, r, w_lora, k, v, a_lora, v_lora, v_first, g, state: torch.Tensor,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [B, T, C], all float32 or all bfloat16 (``v_lora`` and ``v_first`` None exactly when the layer
+        has no value residual); ``state`` [B, H, N, N] float32, contiguous, advanced in place through the T
+        tokens. Returns [B, T, C] in ``out_dtype`` (float32 or bfloat16); the math is float32 throughout."""
         H, N = self.H, self.N
         C = H * N
         if r.dim() != 3 or r.shape[-1] != C:
@@ -331,11 +342,36 @@ class TimeMix:
                              f"{'' if state.is_contiguous() else ' (strided)'}")
         if (v_lora is None) != (v_first is None) or (v_lora is not None) != self.has_value_residual:
             raise ValueError("v_lora and v_first are given exactly when the layer has a value residual (v0)")
-        rows = [None if t is None else _f32_rows(name, t, (B, T, C)) for name, t in (
+        rows_dtype = r.dtype
+        if rows_dtype not in _MIX_DTYPES or out_dtype not in _MIX_DTYPES:
+            raise ValueError(f"rows and out must be float32 or bfloat16, got {rows_dtype} and {out_dtype}")
+        rows = [None if t is None else _rows(name, t, (B, T, C), rows_dtype) for name, t in (
             ("r", r), ("w_lora", w_lora), ("k", k), ("v", v), ("a_lora", a_lora), ("v_lora", v_lora),
             ("v_first", v_first), ("g", g))]
-        out = torch.empty((B, T, C), dtype=torch.float32)
+        out = torch.empty((B, T, C), dtype=out_dtype)
         if B and T:
-            self._lib.time_mix(B, T, H, N, *(None if t is None else t.data_ptr() for t in rows), *self._vec_ptrs,
+            self._lib.time_mix(B, T, H, N, _MIX_DTYPES[rows_dtype], _MIX_DTYPES[out_dtype],
+                               *(None if t is None else t.data_ptr() for t in rows), *self._vec_ptrs,
                                self._eps, self._scale, state.data_ptr(), out.data_ptr())
         return out
+
+
+
+def shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """RWKV's token shift and mixing in one pass: x [B, T, C] float32 (a layer norm's output), prev [B, C]
+    float32 (the token before x's first, from the state), mix [M, C] float32. Returns [M, B, T, C] in
+    ``dtype`` (float32, or bfloat16 rounded to nearest even as torch rounds): x + (x_shifted - x) * mix[m]."""
+    if dtype not in _MIX_DTYPES:
+        raise ValueError(f"shift_mix writes float32 or bfloat16, not {dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, C], got {tuple(x.shape)}")
+    B, T, C = x.shape
+    M = mix.shape[0] if mix.dim() == 2 else 0
+    x = _f32_rows("x", x, (B, T, C))
+    prev = _f32_rows("prev", prev, (B, C))
+    mix = _f32_rows("mix", mix, (M, C))
+    out = torch.empty((M, B, T, C), dtype=dtype)
+    if out.numel():
+        load().shift_mix(B, T, C, M, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), _MIX_DTYPES[dtype],
+                         out.data_ptr())
+    return out

@@ -54,6 +54,30 @@ inline float fast_exp(float x) {
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
+// fp32 -> bf16 with round to nearest even (as torch converts); NaN stays a quiet NaN.
+inline uint16_t to_bf16(float x) {
+    const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return (x != x) ? static_cast<uint16_t>((bits >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
+}
+
+inline float from_bf16(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
+
+// Rows of the time mix come as float32 or bfloat16 (the projections' dtype); a bfloat16 row is widened into
+// scratch, a float32 row is used in place.
+struct RowsIn {
+    const void *base;
+    bool bf16;
+    const float *at(int64_t offset, int64_t N, float *scratch) const {
+        if (base == nullptr) return nullptr;
+        if (!bf16) return static_cast<const float *>(base) + offset;
+        const uint16_t *src = static_cast<const uint16_t *>(base) + offset;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) scratch[j] = from_bf16(src[j]);
+        return scratch;
+    }
+};
+
 // One head's WKV step; S is updated in place, y receives N outputs.
 GOOSE_CLONES
 void head_step(int64_t N, const float *r, const float *w, const float *k, const float *v, const float *a,
@@ -141,12 +165,30 @@ void head_time_mix(int64_t N, const float *r, const float *w_lora, const float *
     for (int64_t j = 0; j < N; ++j) out[j] = ((y[j] - mean) * rstd * ln_w[j] + ln_b[j] + bonus * v[j]) * g[j];
 }
 
+// One row of the token shift and its M mixes: out_m = x + (x_prev - x) * mix_m.
+GOOSE_CLONES
+void shift_mix_row(int64_t C, int64_t M, const float *x, const float *x_prev, const float *mix, int64_t stride,
+                   float *out_f32, uint16_t *out_bf16) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float *mm = mix + m * C;
+        if (out_bf16 != nullptr) {
+            uint16_t *o = out_bf16 + m * stride;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = to_bf16(x[c] + (x_prev[c] - x[c]) * mm[c]);
+        } else {
+            float *o = out_f32 + m * stride;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = x[c] + (x_prev[c] - x[c]) * mm[c];
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
 // Bumped whenever a signature below changes; kernels/native.py refuses a library reporting another number.
-int goose_abi_version() { return 2; }
+int goose_abi_version() { return 4; }
 
 int64_t goose_max_head_size() { return kMaxHeadSize; }
 
@@ -173,21 +215,54 @@ void goose_wkv7_seq(int64_t B, int64_t T, int64_t H, int64_t N, const float *r, 
 //     v' = v + (v_first - v) * sigmoid(v0 + v_lora)     (layers > 0)
 //     y = WKV(r, w, k', v', a = -kk, b = kk * alpha)
 //     out = (group_norm_per_head(y) * ln_w + ln_b + sum_head(r * k' * r_k) * v') * g
-void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N, const float *r, const float *w_lora, const float *k,
-                          const float *v, const float *a_lora, const float *v_lora, const float *v_first,
-                          const float *g, const float *w0, const float *a0, const float *v0, const float *k_k,
-                          const float *k_a, const float *r_k, const float *ln_w, const float *ln_b, float eps,
-                          float log_decay_scale, float *state, float *out) {
+// rows_bf16: the eight row inputs are bfloat16 (else float32); out_bf16: out is written as bfloat16 (rounded
+// to nearest even, else float32). Vectors and state are always float32.
+void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N, int rows_bf16, int out_bf16,
+                          const void *r, const void *w_lora, const void *k, const void *v, const void *a_lora,
+                          const void *v_lora, const void *v_first, const void *g, const float *w0, const float *a0,
+                          const float *v0, const float *k_k, const float *k_a, const float *r_k, const float *ln_w,
+                          const float *ln_b, float eps, float log_decay_scale, float *state, void *out) {
     const TimeMixParams params{w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, log_decay_scale};
     const int64_t C = H * N;
+    const bool in16 = rows_bf16 != 0;
+    const RowsIn rows[8] = {{r, in16}, {w_lora, in16}, {k, in16}, {v, in16}, {a_lora, in16}, {v_lora, in16},
+                            {v_first, in16}, {g, in16}};
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < B * H; ++p) {
         const int64_t c = (p % H) * N;
+        float scratch[9][kMaxHeadSize];
         for (int64_t t = 0; t < T; ++t) {
             const int64_t o = ((p / H) * T + t) * C + c;
-            head_time_mix(N, r + o, w_lora + o, k + o, v + o, a_lora + o, v_lora ? v_lora + o : nullptr,
-                          v_first ? v_first + o : nullptr, g + o, params, c, state + p * N * N, out + o);
+            const float *in[8];
+            for (int i = 0; i < 8; ++i) in[i] = rows[i].at(o, N, scratch[i]);
+            float *dst = out_bf16 ? scratch[8] : static_cast<float *>(out) + o;
+            head_time_mix(N, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], params, c, state + p * N * N,
+                          dst);
+            if (out_bf16) {
+                uint16_t *o16 = static_cast<uint16_t *>(out) + o;
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) o16[j] = to_bf16(dst[j]);
+            }
         }
+    }
+}
+
+// Token shift and mixing for T tokens of B sequences: x [B, T, C] (the layer norm's output), prev [B, C] (the
+// previous token's, from the state), mix [M, C]; out [M, B, T, C] as float32 (out_bf16 = 0) or bfloat16
+// (out_bf16 = 1, rounded to nearest even), out[m, b, t] = x[b, t] + (x[b, t - 1] - x[b, t]) * mix[m], with
+// x[b, -1] = prev[b].
+void goose_shift_mix(int64_t B, int64_t T, int64_t C, int64_t M, const float *x, const float *prev,
+                     const float *mix, int out_bf16, void *out) {
+    const int64_t stride = B * T * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < B * T; ++row) {
+        const int64_t t = row % T;
+        const float *xr = x + row * C;
+        const float *xp = t ? xr - C : prev + (row / T) * C;
+        if (out_bf16)
+            shift_mix_row(C, M, xr, xp, mix, stride, nullptr, static_cast<uint16_t *>(out) + row * C);
+        else
+            shift_mix_row(C, M, xr, xp, mix, stride, static_cast<float *>(out) + row * C, nullptr);
     }
 }
 
