@@ -160,7 +160,7 @@ def _self_test(lib: _Lib) -> None:
     """The library against the torch step on a small input: a miscompiled kernel must never serve."""
     from kernels.wkv7_reference import wkv7_step_ as torch_step_
     g = torch.Generator().manual_seed(0)
-    B, T, H, N = 2, 3, 3, 16
+    B, T, H, N = 2, 6, 3, 16
     r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
     w = -0.6 * torch.rand(B, T, H, N, generator=g)
     kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
@@ -169,7 +169,11 @@ def _self_test(lib: _Lib) -> None:
     want_state = state.clone()
     want = torch.cat([torch_step_(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), want_state) for t in range(T)], 1)
     got = torch.empty_like(r)
-    lib.wkv7_seq(B, T, H, N, *(t.data_ptr() for t in (r, w, k, v, a, b, state, got)))
+    for lo, hi in ((0, 1), (1, T)):       # one token (the decode layout), then five (the transposed prompt walk)
+        part = [x[:, lo:hi].contiguous() for x in (r, w, k, v, a, b)]
+        out = torch.empty_like(part[0])
+        lib.wkv7_seq(B, hi - lo, H, N, *(t.data_ptr() for t in part), state.data_ptr(), out.data_ptr())
+        got[:, lo:hi] = out
     err = max(((got - want).abs().max() / want.abs().max()).item(),
               ((state - want_state).abs().max() / want_state.abs().max()).item())
     if not err < 1e-5:
