@@ -81,10 +81,15 @@ struct RowsIn {
     }
 };
 
+// The steps below are written once for a head size known at compile time (K, 64 in every released model: the
+// loops over a row unroll and their sums stay in registers) and once for any size (K = 0).
+#define GOOSE_INLINE inline __attribute__((always_inline))
+
 // One head's WKV step; S is updated in place, y receives N outputs.
-GOOSE_CLONES
-void head_step(int64_t N, const float *r, const float *w, const float *k, const float *v, const float *a,
-               const float *b, float *S, float *y) {
+template <int64_t K>
+GOOSE_INLINE void step_rows(int64_t n, const float *r, const float *w, const float *k, const float *v,
+                            const float *a, const float *b, float *S, float *y) {
+    const int64_t N = K ? K : n;
     float decay[kMaxHeadSize], decay_r[kMaxHeadSize];
     float kr = 0.f, br = 0.f;
 #pragma omp simd reduction(+ : kr, br)
@@ -109,12 +114,22 @@ void head_step(int64_t N, const float *r, const float *w, const float *k, const 
     }
 }
 
+GOOSE_CLONES
+void head_step(int64_t N, const float *r, const float *w, const float *k, const float *v, const float *a,
+               const float *b, float *S, float *y) {
+    if (N == 64)
+        step_rows<64>(N, r, w, k, v, a, b, S, y);
+    else
+        step_rows<0>(N, r, w, k, v, a, b, S, y);
+}
+
 // The same step on the transposed state U = S^T (rows = key index j), for prompts: S a and S (e^w * r) become
 // sums of scaled rows and the update scales and adds whole rows, all vectorised along i with no horizontal sums
 // (the row-major form needs two per row). Two passes over U, which stays in L1.
-GOOSE_CLONES
-void head_step_transposed(int64_t N, const float *r, const float *w, const float *k, const float *v,
-                          const float *a, const float *b, float *U, float *y) {
+template <int64_t K>
+GOOSE_INLINE void step_columns(int64_t n, const float *r, const float *w, const float *k, const float *v,
+                               const float *a, const float *b, float *U, float *y) {
+    const int64_t N = K ? K : n;
     float decay[kMaxHeadSize], sa[kMaxHeadSize], yi[kMaxHeadSize];
     float kr = 0.f, br = 0.f;
 #pragma omp simd reduction(+ : kr, br)
@@ -142,6 +157,15 @@ void head_step_transposed(int64_t N, const float *r, const float *w, const float
     }
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) y[i] = yi[i] + v[i] * kr + sa[i] * br;
+}
+
+GOOSE_CLONES
+void head_step_transposed(int64_t N, const float *r, const float *w, const float *k, const float *v,
+                          const float *a, const float *b, float *U, float *y) {
+    if (N == 64)
+        step_columns<64>(N, r, w, k, v, a, b, U, y);
+    else
+        step_columns<0>(N, r, w, k, v, a, b, U, y);
 }
 
 void transpose(int64_t N, const float *src, float *dst) {
