@@ -38,13 +38,13 @@ import torch
 
 from kernels import check_inputs
 
-__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "shift_mix", "build_dir",
+__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "shift_mix", "sample_rows", "build_dir",
            "SOURCE"]
 
 log = logging.getLogger("goose.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
 _MIX_DTYPES = {torch.float32: 0, torch.bfloat16: 1}    # the dtypes rows come and go in (flag values for C)
 _OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
@@ -73,6 +73,9 @@ class _Lib:
         self.wkv7_seq = lib.goose_wkv7_seq
         self.time_mix = lib.goose_rwkv7_time_mix
         self.shift_mix = lib.goose_shift_mix
+        lib.goose_sample_rows.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr]
+        lib.goose_sample_rows.restype = None
+        self.sample_rows = lib.goose_sample_rows
         self._handle = lib
 
 
@@ -378,4 +381,22 @@ def shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor, dtype: tor
     if out.numel():
         load().shift_mix(B, T, C, M, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), _MIX_DTYPES[dtype],
                          out.data_ptr())
+    return out
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` [R, V] float32 (rows contiguous) from softmax(logits / temperature)
+    by inverse CDF with u [R] in [0, 1); -inf logits are never drawn. Returns int64 [R]; -1 marks a row with no
+    finite logit (or a NaN), -2 one the kernel had no memory for. Raises NativeUnavailable when the library
+    cannot be loaded."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
+        raise ValueError(f"logits must be float32 CPU rows [R, V] with contiguous rows, got {tuple(logits.shape)} "
+                         f"{logits.dtype} on {logits.device}")
+    R, V = logits.shape
+    inv_t = _f32_rows("temperature", 1.0 / temperature.to(torch.float32), (R,))
+    u = _f32_rows("u", u.to(torch.float32), (R,))
+    out = torch.empty(R, dtype=torch.int64)
+    if R and V:
+        load().sample_rows(R, V, logits.data_ptr(), logits.stride(0), inv_t.data_ptr(), u.data_ptr(),
+                           out.data_ptr())
     return out

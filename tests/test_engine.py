@@ -362,4 +362,6 @@ def test_tune_malloc_keeps_large_temporaries_mapped():
     for _ in range(20):
         torch.ones(1 << 20)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 1024                                  # untuned: ~1024 faults (4 KiB pages) per tensor
+    # untuned: ~1024 faults (4 KiB pages) per tensor, ~20k here; tuned: none, but the count is process-wide,
+    # so leave room for one stray re-mapping (seen once in ~10 runs after the sampling tests)
+    assert faults < 4 * 1024

@@ -253,12 +253,48 @@ void shift_mix_row(int64_t C, int64_t M, const float *x, const float *x_prev, co
     }
 }
 
+// Inverse-CDF draw from softmax(x * it) over one row (see goose_sample_rows); sums is scratch for nb floats.
+GOOSE_CLONES
+int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
+    constexpr int64_t kBlock = 256;
+    const int64_t nb = (V + kBlock - 1) / kBlock;
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < V; ++j) mx = x[j] > mx ? x[j] : mx;
+    if (!std::isfinite(mx)) return -1;                      // no finite logit (or a NaN)
+    double total = 0.0;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        const int64_t lo = blk * kBlock, hi = lo + kBlock < V ? lo + kBlock : V;
+        float sb = 0.f;
+#pragma omp simd reduction(+ : sb)
+        for (int64_t j = lo; j < hi; ++j) sb += x[j] == -INFINITY ? 0.f : fast_exp((x[j] - mx) * it);
+        sums[blk] = sb;
+        total += sb;
+    }
+    const double target = static_cast<double>(u) * total;
+    double before = 0.0;
+    int64_t blk = 0;
+    while (blk < nb - 1 && before + sums[blk] <= target) before += sums[blk++];
+    while (blk > 0 && sums[blk] <= 0.f) before -= sums[--blk];     // rounding walked into an empty tail
+    const int64_t lo = blk * kBlock, hi = lo + kBlock < V ? lo + kBlock : V;
+    int64_t last = -1;
+    double cum = before;
+    for (int64_t j = lo; j < hi; ++j) {
+        const float e = x[j] == -INFINITY ? 0.f : fast_exp((x[j] - mx) * it);
+        if (e <= 0.f) continue;
+        last = j;
+        cum += e;
+        if (cum > target) return j;
+    }
+    return last;                                            // rounding between the two levels: the block's last
+}
+
 }  // namespace
 
 extern "C" {
 
 // Bumped whenever a signature below changes; kernels/native.py refuses a library reporting another number.
-int goose_abi_version() { return 4; }
+int goose_abi_version() { return 5; }
 
 int64_t goose_max_head_size() { return kMaxHeadSize; }
 
@@ -352,6 +388,24 @@ void goose_shift_mix(int64_t B, int64_t T, int64_t C, int64_t M, const float *x,
             shift_mix_row(C, M, xr, xp, mix, stride, nullptr, static_cast<uint16_t *>(out) + row * C);
         else
             shift_mix_row(C, M, xr, xp, mix, stride, static_cast<float *>(out) + row * C, nullptr);
+    }
+}
+
+// Sampling from softmax(x / temperature) for R rows of V logits (row stride `stride`), one uniform u in [0, 1)
+// per row, by inverse CDF: the max, then exp and 256-wide block sums in one pass, then the block and the token
+// where the cumulative mass first exceeds u times the total. Each row is read twice and nothing is written but
+// the token, where softmax and then block sums in torch read 16 MB three times and write it once for 64 rows
+// of 65536. A -inf logit (a banned token) has probability exactly 0; a row with no finite logit gives -1.
+void goose_sample_rows(int64_t R, int64_t V, const float *x, int64_t stride, const float *inv_temperature,
+                       const float *u, int64_t *out) {
+    constexpr int64_t kStackBlocks = 4096;        // vocabularies up to 1M tokens use the stack
+    const int64_t nb = (V + 255) / 256;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < R; ++row) {
+        float local[kStackBlocks];
+        float *sums = nb <= kStackBlocks ? local : static_cast<float *>(std::malloc(sizeof(float) * nb));
+        out[row] = sums == nullptr ? -2 : sample_row(V, x + row * stride, inv_temperature[row], u[row], sums);
+        if (sums != local) std::free(sums);
     }
 }
 
