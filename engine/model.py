@@ -296,8 +296,8 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
     """Load an RWKV-7 checkpoint (.pth, .safetensors or a Hugging Face directory) for inference.
 
     linear_backend: None/"auto" (oneDNN on CPU when it works, see engine/linear.py), "onednn" or "aten".
-    native_kernels: None (use the native CPU decode kernels when they build, see kernels/native.py), True
-    (required) or False (torch ops only).
+    native_kernels: None (use the native CPU time-mix kernels when they build, see kernels/native.py), True
+    (required) or False (torch ops for the model; the engine's sampler follows GOOSE_NATIVE_KERNELS only).
     """
     try:
         strat = parse_strategy(strategy)

@@ -22,13 +22,16 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"        # aborted (client gone, shutdown); never shown to clients as a finish_reason
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings; validated here, so the engine never sees a bad value."""
     max_tokens: int = 256
     """Tokens to generate at most (>= 0; 0 only makes sense with prompt logprobs)."""
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """0 (or anything below 1e-5) means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
     top_k: int = 0
@@ -83,7 +86,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW are argmax too: dividing logits by them overflows float32."""
+        return self.temperature < GREEDY_BELOW
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Every token id named by the parameters lies in [0, vocab_size)."""

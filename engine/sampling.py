@@ -199,25 +199,29 @@ def _nucleus_by_rejection(p: torch.Tensor, top_p: torch.Tensor, first: torch.Ten
     """Exact top-p sampling without sorting, for rows whose nucleus is wide (nearly flat distributions, where
     a sort of [64, 65536] takes ~160 ms and would stall every stream in the batch).
 
-    ``first`` [R] is a token drawn from each whole row (p [R, V], >= 0). Token i is in the nucleus exactly when
-    the mass of the tokens more likely than it is below top_p of the total; a drawn token outside it is
-    rejected, and so is everything not more likely than it, and the row draws again (its own generator) from
-    what is left. Every round's draw is proportional to p over a superset of the nucleus, so the accepted
+    ``first`` [R] is a token drawn from each whole row (p [R, V], >= 0). In the order most likely first (ties by
+    token id), token i is in the nucleus exactly when the mass of the tokens before it is below top_p of the
+    total; a drawn token outside it is rejected, and so is everything after it, and the row draws again (its
+    own generator) from what is left. Every round's draw is proportional to p over a superset of the nucleus, so the accepted
     token is distributed as p restricted to the nucleus; each rejection removes at least the rejected token
     and typically half the rest, so rounds are few (after _NUCLEUS_ROUNDS the row is sorted instead)."""
-    R = p.shape[0]
+    R, V = p.shape
     target = top_p * p.sum(-1)                                      # [R]
     tokens = first.clone()
     pending = torch.arange(R)
+    index = torch.arange(V)
     for _ in range(_NUCLEUS_ROUNDS):
         q = p if len(pending) == R else p[pending]
-        pivot = q.gather(1, tokens[pending].unsqueeze(1))           # [P, 1]
-        above = (q * (q > pivot)).sum(-1)                           # mass of the more likely tokens
-        rejected = above >= target[pending]
+        drawn = tokens[pending].unsqueeze(1)                        # [P, 1]
+        pivot = q.gather(1, drawn)
+        # the tokens ordered before the draw: more likely, or as likely with a smaller id (a tie class, common
+        # with bf16 logits, is split like a sort would, instead of entering the nucleus whole)
+        ahead = (q > pivot) | ((q == pivot) & (index < drawn))
+        rejected = (q * ahead).sum(-1) >= target[pending]
         if not bool(rejected.any()):
             return tokens
-        pending, q = pending[rejected], q[rejected]
-        q = q * (q > pivot[rejected])                               # the top token always survives
+        pending = pending[rejected]
+        q = q[rejected] * ahead[rejected]                           # the first token in the order always survives
         u = torch.cat([torch.rand(1, generator=generators[i]) for i in pending.tolist()])
         tokens[pending] = _inverse_cdf(q, u)
     u = torch.cat([torch.rand(1, generator=generators[i]) for i in pending.tolist()])

@@ -113,6 +113,9 @@ def _torch_openmp() -> str | None:
     (libgomp-<hash>.so.1), and a library that asked for the system's libgomp.so.1 instead would start a second
     thread pool next to torch's."""
     runtimes = openmp_runtimes()
+    if len(runtimes) > 1:
+        log.warning("several OpenMP runtimes are loaded (%s): the native kernels link the system's with -fopenmp "
+                    "and may run a second thread pool next to torch's", ", ".join(runtimes))
     return runtimes[0] if len(runtimes) == 1 else None
 
 
@@ -149,6 +152,7 @@ def _build(target: Path) -> None:
             if proc.returncode != 0:
                 raise NativeUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
                                         f"{proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)             # mkstemp makes 0600: other users (a container's runtime uid) must load it
         os.replace(tmp, target)          # atomic: a concurrent build or load sees the old file or the whole new one
     except subprocess.TimeoutExpired:
         raise NativeUnavailable(f"building {SOURCE.name} took over 300 s; gave up") from None
@@ -160,27 +164,45 @@ def _build(target: Path) -> None:
 
 
 def _self_test(lib: _Lib) -> None:
-    """The library against the torch step on a small input: a miscompiled kernel must never serve."""
+    """The library against torch on small inputs: the WKV recurrence at head sizes 16 and 64 in both layouts
+    (one token, then a prompt's transposed walk), the token-shift mix, and the sampler's edge cases. A
+    miscompiled kernel must never serve."""
     from kernels.wkv7_reference import wkv7_step_ as torch_step_
     g = torch.Generator().manual_seed(0)
-    B, T, H, N = 2, 6, 3, 16
-    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
-    w = -0.6 * torch.rand(B, T, H, N, generator=g)
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
-    a, b = -kk, kk * torch.rand(B, T, H, N, generator=g)
-    state = torch.randn(B, H, N, N, generator=g)
-    want_state = state.clone()
-    want = torch.cat([torch_step_(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), want_state) for t in range(T)], 1)
-    got = torch.empty_like(r)
-    for lo, hi in ((0, 1), (1, T)):       # one token (the decode layout), then five (the transposed prompt walk)
-        part = [x[:, lo:hi].contiguous() for x in (r, w, k, v, a, b)]
-        out = torch.empty_like(part[0])
-        lib.wkv7_seq(B, hi - lo, H, N, *(t.data_ptr() for t in part), state.data_ptr(), out.data_ptr())
-        got[:, lo:hi] = out
-    err = max(((got - want).abs().max() / want.abs().max()).item(),
-              ((state - want_state).abs().max() / want_state.abs().max()).item())
-    if not err < 1e-5:
-        raise NativeUnavailable(f"{lib.path} gives wrong results (relative error {err:.2e} against torch)")
+    for N in (16, 64):
+        B, T, H = 2, 6, 3
+        r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+        w = -0.6 * torch.rand(B, T, H, N, generator=g)
+        kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+        a, b = -kk, kk * torch.rand(B, T, H, N, generator=g)
+        state = torch.randn(B, H, N, N, generator=g)
+        want_state = state.clone()
+        want = torch.cat([torch_step_(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), want_state)
+                          for t in range(T)], 1)
+        got = torch.empty_like(r)
+        for lo, hi in ((0, 1), (1, T)):   # one token (the decode layout), then five (the transposed prompt walk)
+            part = [x[:, lo:hi].contiguous() for x in (r, w, k, v, a, b)]
+            out = torch.empty_like(part[0])
+            lib.wkv7_seq(B, hi - lo, H, N, *(t.data_ptr() for t in part), state.data_ptr(), out.data_ptr())
+            got[:, lo:hi] = out
+        err = max(((got - want).abs().max() / want.abs().max()).item(),
+                  ((state - want_state).abs().max() / want_state.abs().max()).item())
+        if not err < 1e-5:
+            raise NativeUnavailable(f"{lib.path} gives wrong results (WKV, head size {N}: relative error "
+                                    f"{err:.2e} against torch)")
+    x, prev, mix = torch.randn(2, 3, 40, generator=g), torch.randn(2, 40, generator=g), torch.rand(2, 40, generator=g)
+    out = torch.empty(2, 2, 3, 40)
+    lib.shift_mix(2, 3, 40, 2, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), 0, out.data_ptr())
+    want = torch.addcmul(x, torch.cat((prev.unsqueeze(1), x[:, :-1]), 1) - x, mix.view(2, 1, 1, 40))
+    if not torch.allclose(out, want, rtol=1e-6, atol=1e-6):
+        raise NativeUnavailable(f"{lib.path} gives wrong results (token-shift mix)")
+    logits = torch.full((3, 300), float("-inf"))
+    logits[0, 123], logits[1, 7], logits[1, 299] = 0.0, 5.0, -30.0
+    picked = torch.empty(3, dtype=torch.int64)
+    lib.sample_rows(3, 300, logits.data_ptr(), 300, torch.ones(3).data_ptr(), torch.full((3,), 0.5).data_ptr(),
+                    picked.data_ptr())
+    if picked.tolist() != [123, 7, -1]:
+        raise NativeUnavailable(f"{lib.path} gives wrong results (sampler: {picked.tolist()})")
 
 
 _lock = threading.Lock()
@@ -193,6 +215,14 @@ def mode() -> str:
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"GOOSE_NATIVE_KERNELS must be auto, 0 or 1, got {mode!r}")
     return mode
+
+
+def _open(path: Path) -> _Lib:
+    lib = _Lib(path)
+    if lib.abi != ABI_VERSION:
+        raise NativeUnavailable(f"{path} reports ABI {lib.abi}, expected {ABI_VERSION}")
+    _self_test(lib)
+    return lib
 
 
 def load() -> _Lib:
@@ -210,10 +240,21 @@ def load() -> _Lib:
             path = build_dir() / _library_name()
             if not path.exists():
                 _build(path)
-            lib = _Lib(path)
-            if lib.abi != ABI_VERSION:
-                raise NativeUnavailable(f"{path} reports ABI {lib.abi}, expected {ABI_VERSION}; delete it to rebuild")
-            _self_test(lib)
+                lib = _open(path)
+            else:
+                try:
+                    lib = _open(path)
+                except (NativeUnavailable, OSError) as exc:    # a damaged cache entry: build it again, once
+                    log.warning("the cached native kernels %s are unusable (%s); rebuilding", path, exc)
+                    fresh = path.with_name(f"{path.stem}.{os.getpid()}.so")   # a new name: dlopen caches by name
+                    try:
+                        _build(fresh)
+                        lib = _open(fresh)
+                        os.replace(fresh, path)
+                        lib.path = path
+                    finally:
+                        if fresh.exists():
+                            fresh.unlink()
         except NativeUnavailable as exc:
             _failure = exc
             raise
@@ -255,8 +296,8 @@ def _rows(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
     if t.device.type != "cpu" or t.dtype != dtype:
         raise ValueError(f"{name} must be a {str(dtype).replace('torch.', '')} CPU tensor, got {t.dtype} on "
                          f"{t.device}")
-    if t.numel() != _numel(shape):
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     return t.contiguous()
 
 
@@ -264,16 +305,12 @@ def _f32_rows(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tenso
     return _rows(name, t, shape, torch.float32)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _checked(r, w, k, v, a, b, state, what: str):
     """(library, (B, T, H, N), the six inputs as contiguous float32) for the registry's native backends."""
     B, T, H, N = check_inputs(r, w, k, v, a, b, state)
+    for name, t in (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
+        if t.device.type != "cpu":
+            raise ValueError(f"the native {what} runs on CPU, but {name} is on {t.device}")
     if state.dtype != torch.float32 or state.device.type != "cpu":
         raise ValueError(f"the native {what} runs float32 CPU states, got {state.dtype} on {state.device}")
     lib = load()
@@ -325,7 +362,7 @@ class TimeMix:
                                     f"{self._lib.max_head_size}")
         self.H, self.N = n_head, head_size
         C = n_head * head_size
-        self._vecs = [_f32_rows(name, t, (C,)) if t is not None else None for name, t in (
+        self._vecs = [_f32_rows(name, t.reshape(-1), (C,)) if t is not None else None for name, t in (
             ("w0", w0), ("a0", a0), ("v0", v0), ("k_k", k_k), ("k_a", k_a), ("r_k", r_k), ("ln_w", ln_w),
             ("ln_b", ln_b))]
         self.has_value_residual = v0 is not None

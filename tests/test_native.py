@@ -91,6 +91,11 @@ def test_native_step_refuses_what_it_cannot_run():
     r, w, k, v, a, b, s = make_inputs(1, 1, 1, 300, torch.float32)
     with pytest.raises(ValueError, match="head size 300 is above"):
         get_wkv7("native_step_")(r, w, k, v, a, b, s)
+    r, w, k, v, a, b, s = make_inputs(1, 1, 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="runs on CPU, but r is on meta"):
+        get_wkv7("native_step_")(r.to("meta"), w, k, v, a, b, s)
+    with pytest.raises(ValueError, match=r"prev has shape \(8, 2\), expected \(2, 8\)"):
+        native.shift_mix(torch.randn(2, 3, 8), torch.randn(8, 2), torch.rand(1, 8), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -162,6 +167,7 @@ def test_build_is_cached_and_shared_between_processes(fresh_native):
     lib = native.load()
     assert lib.path.parent == fresh_native and lib.path.name.startswith("rwkv7_cpu-")
     built = lib.path.stat().st_mtime_ns
+    assert lib.path.stat().st_mode & 0o777 == 0o755            # loadable by other users (a container's runtime uid)
     assert [p.name for p in fresh_native.iterdir()] == [lib.path.name]      # no temporary left behind
     code = "from kernels import native; lib = native.load(); print(lib.path); print(len(native.openmp_runtimes()))"
     env = {**os.environ, "GOOSE_KERNEL_DIR": str(fresh_native), "CXX": "/nonexistent/c++", "PATH": ""}
@@ -199,6 +205,24 @@ def test_a_failing_build_reports_the_compiler_error(monkeypatch, fresh_native, t
     with pytest.raises(native.NativeUnavailable, match="this compiler is broken"):    # remembered, not retried
         native.load()
     assert not any(fresh_native.glob("*.so"))
+
+
+@needs_native
+def test_a_damaged_cached_library_is_rebuilt(fresh_native, caplog):
+    path = fresh_native / native._library_name()        # never loaded in this process (dlopen caches by name)
+    fresh_native.mkdir(parents=True)
+    path.write_bytes(b"not a shared library")
+    with caplog.at_level("WARNING", logger="goose.kernels"):
+        lib = native.load()
+    assert lib.path == path and "unusable" in caplog.text and "rebuilding" in caplog.text
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    assert sorted(p.name for p in fresh_native.iterdir()) == [path.name]           # nothing left behind
+
+
+def test_tiny_temperatures_are_greedy():
+    from engine.request import SamplingParams
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-39).greedy
+    assert not SamplingParams(temperature=1e-3).greedy
 
 
 @needs_native
@@ -240,6 +264,9 @@ def test_native_sampler_draws_from_the_softmax():
     picked = native.sample_rows(big, torch.ones(3), torch.tensor([0.0, 0.5, 0.999999]))
     assert ((picked >= 0) & (picked < 70000)).all()
     assert native.sample_rows(torch.full((1, 10), float("-inf")), torch.ones(1), torch.zeros(1)).item() == -1
+    with_nan = torch.randn(1, 300, generator=g)
+    with_nan[0, 100] = float("nan")
+    assert native.sample_rows(with_nan, torch.ones(1), torch.zeros(1)).item() == -1      # the torch path decides
 
 
 @needs_native

@@ -179,3 +179,20 @@ def test_rejection_rounds_end_in_the_exact_sort(monkeypatch):
     for _ in range(200):
         toks = sample(x, rows, want_logprobs=False)[0]
         assert keep[0][toks[0]] and keep[1][toks[1]]
+
+
+@pytest.mark.parametrize("Vt", [60, 1000])          # the top-64 window, and the rejection path
+def test_top_p_splits_a_tie_class_like_a_sort(Vt):
+    """One likely token and a tail of equal ones (bf16 logits tie often): top_p keeps the likely token and only
+    as many tied ones as the mass needs, on both paths, so the likely token is drawn in proportion."""
+    p_top = 0.3
+    p = torch.full((Vt,), (1 - p_top) / (Vt - 1))
+    p[17] = p_top
+    x = p.log().unsqueeze(0)
+    m = int(torch.ceil(torch.tensor((0.5 - p_top) / float(p[0]))).item())      # tied tokens the nucleus needs
+    want = p_top / (p_top + m * float(p[0]))
+    r = SamplerRow(SamplingParams(seed=9, top_p=0.5), make_generator(9))
+    draws = [sample(x, [r], want_logprobs=False)[0][0] for _ in range(4000)]
+    got = sum(d == 17 for d in draws) / len(draws)
+    assert abs(got - want) < 0.04, (got, want)
+    assert len(set(draws)) <= m + 2                  # the nucleus (ties at its edge may round either way)

@@ -261,7 +261,7 @@ int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
     float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < V; ++j) mx = x[j] > mx ? x[j] : mx;
-    if (!std::isfinite(mx)) return -1;                      // no finite logit (or a NaN)
+    if (!std::isfinite(mx)) return -1;                      // no finite logit
     double total = 0.0;
     for (int64_t blk = 0; blk < nb; ++blk) {
         const int64_t lo = blk * kBlock, hi = lo + kBlock < V ? lo + kBlock : V;
@@ -271,6 +271,7 @@ int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
         sums[blk] = sb;
         total += sb;
     }
+    if (!(total > 0.0) || !std::isfinite(total)) return -1;   // a NaN logit, or an overflowing temperature
     const double target = static_cast<double>(u) * total;
     double before = 0.0;
     int64_t blk = 0;
