@@ -156,9 +156,11 @@ def test_native_kernels_can_be_turned_off(tiny_pth, monkeypatch, fresh_native):
         load_model(tiny_pth, "cpu fp32")
 
 
-def test_reference_backend_cannot_require_native(tiny_pth):
+def test_reference_backend_cannot_require_native(tiny_pth, monkeypatch):
     with pytest.raises(ModelLoadError, match="reference WKV backend"):
         load_model(tiny_pth, "cpu fp32", wkv_backend="reference", native_kernels=True)
+    monkeypatch.setenv("GOOSE_NATIVE_KERNELS", "1")    # the variable asks them built where they apply
+    assert load_model(tiny_pth, "cpu fp32", wkv_backend="reference").decode_kernel == "torch"
 
 
 # ------------------------------------------------------------------------------------------ the build
