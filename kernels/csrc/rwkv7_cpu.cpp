@@ -173,6 +173,37 @@ void transpose(int64_t N, const float *src, float *dst) {
         for (int64_t j = 0; j < N; ++j) dst[j * N + i] = src[i * N + j];
 }
 
+// One head's state for a walk through T tokens: from kTransposeFrom tokens on (a prompt) the steps run on a
+// transposed copy, written back when the walk ends; decode steps the row-major state in place. Without memory
+// for the copy the walk stays row-major.
+class HeadState {
+  public:
+    HeadState(int64_t N, float *S, int64_t T)
+        : N_(N), S_(S), U_(T >= kTransposeFrom ? static_cast<float *>(std::malloc(sizeof(float) * N * N)) : nullptr) {
+        if (U_ != nullptr) transpose(N_, S_, U_);
+    }
+    ~HeadState() {
+        if (U_ != nullptr) {
+            transpose(N_, U_, S_);
+            std::free(U_);
+        }
+    }
+    HeadState(const HeadState &) = delete;
+    HeadState &operator=(const HeadState &) = delete;
+
+    void step(const float *r, const float *w, const float *k, const float *v, const float *a, const float *b,
+              float *y) const {
+        if (U_ != nullptr)
+            head_step_transposed(N_, r, w, k, v, a, b, U_, y);
+        else
+            head_step(N_, r, w, k, v, a, b, S_, y);
+    }
+
+  private:
+    int64_t N_;
+    float *S_, *U_;
+};
+
 struct TimeMixParams {           // per-channel vectors of one layer, each [H * N]
     const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b;
     float eps, log_decay_scale;
@@ -182,7 +213,7 @@ struct TimeMixParams {           // per-channel vectors of one layer, each [H * 
 GOOSE_CLONES
 void head_time_mix(int64_t N, const float *r, const float *w_lora, const float *k_in, const float *v_in,
                    const float *a_lora, const float *v_lora, const float *v_first, const float *g,
-                   const TimeMixParams &p, int64_t c, float *S, bool transposed, float *out) {
+                   const TimeMixParams &p, int64_t c, const HeadState &state, float *out) {
     float w[kMaxHeadSize], k[kMaxHeadSize], v[kMaxHeadSize], a[kMaxHeadSize], b[kMaxHeadSize];
     float y[kMaxHeadSize];
     const float *w0 = p.w0 + c, *a0 = p.a0 + c, *k_k = p.k_k + c, *k_a = p.k_a + c, *r_k = p.r_k + c;
@@ -212,10 +243,7 @@ void head_time_mix(int64_t N, const float *r, const float *w_lora, const float *
     } else {
         for (int64_t j = 0; j < N; ++j) v[j] = v_in[j];
     }
-    if (transposed)
-        head_step_transposed(N, r, w, k, v, a, b, S, y);
-    else
-        head_step(N, r, w, k, v, a, b, S, y);
+    state.step(r, w, k, v, a, b, y);
     float mean = 0.f, bonus = 0.f;
 #pragma omp simd reduction(+ : mean, bonus)
     for (int64_t j = 0; j < N; ++j) {
@@ -306,19 +334,10 @@ void goose_wkv7_seq(int64_t B, int64_t T, int64_t H, int64_t N, const float *r, 
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < B * H; ++p) {
         const int64_t bi = p / H, h = p % H;
-        float *S = state + p * N * N;
-        float *U = T >= kTransposeFrom ? static_cast<float *>(std::malloc(sizeof(float) * N * N)) : nullptr;
-        if (U != nullptr) transpose(N, S, U);
+        const HeadState head(N, state + p * N * N, T);
         for (int64_t t = 0; t < T; ++t) {
             const int64_t o = ((bi * T + t) * H + h) * N;
-            if (U != nullptr)
-                head_step_transposed(N, r + o, w + o, k + o, v + o, a + o, b + o, U, y + o);
-            else
-                head_step(N, r + o, w + o, k + o, v + o, a + o, b + o, S, y + o);
-        }
-        if (U != nullptr) {
-            transpose(N, U, S);
-            std::free(U);
+            head.step(r + o, w + o, k + o, v + o, a + o, b + o, y + o);
         }
     }
 }
@@ -344,31 +363,22 @@ void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N, int rows_b
     const bool in16 = rows_bf16 != 0;
     const RowsIn rows[8] = {{r, in16}, {w_lora, in16}, {k, in16}, {v, in16}, {a_lora, in16}, {v_lora, in16},
                             {v_first, in16}, {g, in16}};
-    // A prompt walks each head's state through T tokens: transposed once into a buffer, back at the end.
-    const bool transposed = T >= kTransposeFrom;
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < B * H; ++p) {
         const int64_t c = (p % H) * N;
         float scratch[9][kMaxHeadSize];
-        float *S = state + p * N * N;
-        float *U = transposed ? static_cast<float *>(std::malloc(sizeof(float) * N * N)) : nullptr;
-        if (U != nullptr) transpose(N, S, U);
+        const HeadState head(N, state + p * N * N, T);
         for (int64_t t = 0; t < T; ++t) {
             const int64_t o = ((p / H) * T + t) * C + c;
             const float *in[8];
             for (int i = 0; i < 8; ++i) in[i] = rows[i].at(o, N, scratch[i]);
             float *dst = out_bf16 ? scratch[8] : static_cast<float *>(out) + o;
-            head_time_mix(N, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], params, c,
-                          U != nullptr ? U : S, U != nullptr, dst);
+            head_time_mix(N, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], params, c, head, dst);
             if (out_bf16) {
                 uint16_t *o16 = static_cast<uint16_t *>(out) + o;
 #pragma omp simd
                 for (int64_t j = 0; j < N; ++j) o16[j] = to_bf16(dst[j]);
             }
-        }
-        if (U != nullptr) {
-            transpose(N, U, S);
-            std::free(U);
         }
     }
 }
