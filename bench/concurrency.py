@@ -8,7 +8,7 @@ Two aggregates per level: end to end (every generated token over the wall time f
 so it includes prefilling every prompt), and decode (tokens delivered after the last stream got its first
 token, over the time from then to the last token: the steady state with every stream decoding).
 Targets: aggregate at 64 >= 20x the reference single stream (fp32), higher on bf16; cached TTFT <= 1/10 cold.
-Model loading and the reference run on threads that exit (engine/threads.py), as `goose serve` does.
+Model loading and the reference run on threads that exit (engine/model/threads.py), as `goose serve` does.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 from bench.engine import bench_reference  # noqa: E402
 from bench.machine import machine_line  # noqa: E402
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams, load_model, load_tokenizer  # noqa: E402
-from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
-from engine.allocator import tune_malloc  # noqa: E402
-from engine.threads import call_in_new_thread  # noqa: E402
+from bench.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
+from engine.model.allocator import tune_malloc  # noqa: E402
+from engine.model.threads import call_in_new_thread  # noqa: E402
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--prefix", type=int, default=2000, help="cached prefix length for the TTFT comparison")
     args = ap.parse_args(argv)
-    tune_malloc()                                   # as goose serve does (engine/allocator.py)
+    tune_malloc()                                   # as goose serve does (engine/model/allocator.py)
     levels = [int(x) for x in args.levels.split(",")]
     tok = load_tokenizer("world")
     rows, kernels = [], []

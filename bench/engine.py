@@ -24,9 +24,9 @@ import torch  # noqa: E402
 
 from bench.machine import machine_line  # noqa: E402, F401 (re-exported for the other benchmarks)
 from engine import load_model  # noqa: E402
-from engine.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
-from engine.allocator import tune_malloc  # noqa: E402
-from engine.threads import call_in_new_thread  # noqa: E402
+from bench.random_checkpoint import SHAPE_0B1, write_checkpoint  # noqa: E402
+from engine.model.allocator import tune_malloc  # noqa: E402
+from engine.model.threads import call_in_new_thread  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -103,7 +103,7 @@ def bench_llamacpp(gguf_path: str, T: int, n_decode: int, repeats: int) -> dict:
 
 
 def export_gguf(pth: str, dtype: str) -> str:
-    from engine.convert import convert
+    from engine.formats.convert import convert
     path = pth.replace(".pth", f"-{dtype}.gguf")
     convert(pth, path, dtype=dtype, tokenizer="world", force=True, progress=False, note=lambda text: None)
     return path
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="batch size of the batched decode")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
-    tune_malloc()                                   # as goose serve does (engine/allocator.py)
+    tune_malloc()                                   # as goose serve does (engine/model/allocator.py)
     with tempfile.TemporaryDirectory() as tmp:
         stem = os.path.join(tmp, "rwkv7-0b1-random")
         print(f"writing a random 0.1B-shaped checkpoint (L{SHAPE_0B1.n_layer} C{SHAPE_0B1.n_embd} "
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         with_llama = llama_cpp_available()
         for dtype in args.dtypes.split(","):
             print(f"[cpu {dtype}] reference ...", file=sys.stderr)
-            # each contender on a thread that exits, so no one's idle OpenMP team slows the next (engine/threads.py)
+            # each contender on a thread that exits, so no one's idle OpenMP team slows the next (engine/model/threads.py)
             ref = call_in_new_thread(bench_reference, stem, dtype, args.prefill, args.decode, args.repeats)
             print(f"[cpu {dtype}] goose ...", file=sys.stderr)
             ours = call_in_new_thread(bench_goose, stem + ".pth", dtype, args.prefill, args.decode, args.batch,

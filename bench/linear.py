@@ -3,7 +3,7 @@ packed in oneDNN's layout, as the model loads it) for the shapes of the 0.1B mod
 
     python -m bench.linear [--dtypes fp32,bf16] [--repeats 20]
 
-Why engine/linear.py picks oneDNN for CPU fp32: prints ms and GFLOPS (GB/s of weight read for M=1) per shape
+Why engine/model/linear.py picks oneDNN for CPU fp32: prints ms and GFLOPS (GB/s of weight read for M=1) per shape
 and backend, with the ratio oneDNN / F.linear. Weights are [out, in] like the model's; the head (65536 rows,
 201 MB in fp32) never fits in cache, the smaller matrices may, so M=1 rows of those flatter both backends.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from bench.engine import timed
 from bench.machine import machine_line
-from engine.linear import _onednn_linear, _onednn_pack, _probe
+from engine.model.linear import onednn_linear, onednn_pack, probe_onednn
 
 # (M, in, out): decode B=1 and B=64, prefill T=1024; r/k/v/output, FFN key and value, and the head
 SHAPES = [(m, k, n) for m in (1, 64, 1024) for (k, n) in ((768, 768), (768, 3072), (3072, 768), (768, 65536))
@@ -38,17 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for name in args.dtypes.split(","):
             dtype = dtypes[name]
-            dense, packed = _probe(dtype)
+            dense, packed = probe_onednn(dtype)
             if not (dense and packed):
                 print(f"| {name} | oneDNN linear (or packing) not usable in this torch build | | | | | | |")
                 continue
             for m, k, n in SHAPES:
                 x = torch.randn(m, k, generator=g).to(dtype)
                 w = torch.randn(n, k, generator=g).to(dtype)
-                wp = _onednn_pack(w)
+                wp = onednn_pack(w)
                 ta = timed(lambda: F.linear(x, w), args.repeats)
-                to = timed(lambda: _onednn_linear(x, w), args.repeats)
-                tp = timed(lambda: _onednn_linear(x, wp), args.repeats)
+                to = timed(lambda: onednn_linear(x, w), args.repeats)
+                tp = timed(lambda: onednn_linear(x, wp), args.repeats)
                 flop = 2 * m * k * n
                 print(f"| {name} | {m} x {k} -> {n} | {ta * 1e3:.3f} | {to * 1e3:.3f} | {tp * 1e3:.3f} | "
                       f"{flop / ta / 1e9:.0f} | {flop / tp / 1e9:.0f} | {ta / tp:.2f}x |")

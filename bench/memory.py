@@ -28,7 +28,7 @@ def _child(path: str, dtype: str, context: int, decode: int, reference: bool) ->
     import torch
 
     from engine import load_model
-    from engine.allocator import tune_malloc
+    from engine.model.allocator import tune_malloc
     tune_malloc()                                   # as goose serve does
     model = load_model(path, f"cpu {dtype}")
     state = model.zero_state(1)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(path, args.dtype, int(context), args.decode, ref == "1")))
         return 0
     from bench.machine import machine_line
-    from engine.random_checkpoint import SHAPE_0B1, write_checkpoint
+    from bench.random_checkpoint import SHAPE_0B1, write_checkpoint
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rwkv7-0b1-random.pth")

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/tokenizer.py [--mb 2] [--repeat 3]
 
-Same deterministic mixed multilingual text (tests.test_tokenizer.mixed_corpus) for every row; best of --repeat runs.
+Same deterministic mixed multilingual text (bench/corpus.py) for every row; best of --repeat runs.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from engine.tokenizer import WORLD_VOCAB_PATH, WorldTokenizer
-from tests.test_tokenizer import mixed_corpus
+from engine.text.tokenizer import WORLD_VOCAB_PATH, WorldTokenizer
+from bench.corpus import mixed_corpus
 
 
 def best_seconds(fn: Callable[[], object], repeat: int) -> float:

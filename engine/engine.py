@@ -11,14 +11,14 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import EngineDead, EngineDraining, InvalidRequest, Overloaded, RequestFailed
-from engine.model import RWKV7
+from engine.model.rwkv7 import RWKV7
 from engine.prefix_cache import PrefixCache
 from engine.request import EngineStats, FinishReason, GenerateRequest, RequestOutput, SequenceOutput
-from engine.runner import StatePool
+from engine.state_pool import StatePool
 from engine.sampling import SamplerRow, make_generator, sample, top_logprobs
 from engine.scheduler import Scheduler
-from engine.stop import TextStream
-from engine.threads import call_in_new_thread
+from engine.text.stop import TextStream
+from engine.model.threads import call_in_new_thread
 
 log = logging.getLogger("goose.engine")
 
@@ -146,7 +146,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.model_config = model.config
-        # zeroing the pool is parallel torch work: keep it off this (long-lived) thread, see engine/threads.py
+        # zeroing the pool is parallel torch work: keep it off this (long-lived) thread, see engine/model/threads.py
         self.pool = call_in_new_thread(StatePool, model, config.max_sessions)
         self.cache = PrefixCache(config.prefix_cache_bytes)
         self.scheduler = Scheduler(max_slots=config.max_sessions, max_waiting=config.max_waiting,
@@ -289,7 +289,7 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        # this thread runs every model call; its OpenMP team should be the only one (engine/threads.py)
+        # this thread runs every model call; its OpenMP team should be the only one (engine/model/threads.py)
         torch.set_num_threads(self._threads)
         self._threads_in_use = torch.get_num_threads()
         try:

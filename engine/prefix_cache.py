@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.state import RNNState
+from engine.model.state import RNNState
 
 _MOD = (1 << 61) - 1
 _BASE = 1_000_003

@@ -113,7 +113,7 @@ def _middleware(state: AppState) -> list[Middleware]:
 async def _load(state: AppState, loader: Loader) -> None:
     t0 = time.perf_counter()
     try:
-        # a thread that exits: its OpenMP team must not outlive the load (engine/threads.py)
+        # a thread that exits: its OpenMP team must not outlive the load (engine/model/threads.py)
         engine, info = await acall_in_new_thread(loader)
     except Exception as exc:  # noqa: BLE001 - any load failure (ModelLoadError, OSError, torch errors) is reported
         state.load_error = errors.sanitize(str(exc), paths=True)

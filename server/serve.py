@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine import tune_malloc
     from server.app import create_app
-    tune_malloc()                      # keep large temporaries mapped between steps (engine/allocator.py)
+    tune_malloc()                      # keep large temporaries mapped between steps (engine/model/allocator.py)
     s = settings.server
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(lambda: load_engine(settings), settings)

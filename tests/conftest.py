@@ -10,7 +10,7 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine.random_checkpoint import CheckpointShape, write_checkpoint  # noqa: E402
+from bench.random_checkpoint import CheckpointShape, write_checkpoint  # noqa: E402
 
 # Shapes chosen to break assumptions: C not a multiple of 256, F != 4C, unequal LoRA ranks, head size 32,
 # layer-0 value LoRA present and absent.

@@ -2,11 +2,11 @@
 import subprocess
 import sys
 
-from server.cli import main
+from goose.cli import main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "goose.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_help_lists_commands():

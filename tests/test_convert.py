@@ -1,7 +1,7 @@
 """`goose convert`: round trips between .pth, safetensors, the fla-hub HF layout and GGUF; GGUF as llama.cpp reads it.
 
 The GGUF expectations (names, shapes, types, metadata) are written here from the reference notes §3.3, independently of
-engine/gguf_format.py, and checked with gguf-py's own reader. The llama.cpp interop tests run only when llama-cpp-python
+engine/formats/gguf.py, and checked with gguf-py's own reader. The llama.cpp interop tests run only when llama-cpp-python
 is installed (marker ``llamacpp``).
 """
 from __future__ import annotations
@@ -14,15 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from engine import ModelLoadError, load_model
-from engine.convert import convert
-from engine.convert import main as convert_main
-from engine.random_checkpoint import (
+from engine.formats.convert import convert
+from engine.formats.convert import main as convert_main
+from bench.random_checkpoint import (
     SHAPE_0B1,
     CheckpointShape,
     random_state_dict,
     write_checkpoint,
 )
-from engine.tokenizer import (
+from engine.text.tokenizer import (
     WORLD_VOCAB_PATH,
     HFTokenizer,
     WorldTokenizer,
@@ -283,7 +283,7 @@ def test_world_vocab_in_gguf(world_gguf):
     for i, tok in vocab.items():                                         # Python's repr of the bytes, b'' stripped
         assert tokens[i] == repr(tok)[2:-1], i
     # llama.cpp's unescape rule (\t \n \r \xHH, \c -> c) recovers every token
-    from engine.gguf_format import unescape_rwkv_token
+    from engine.formats.gguf import unescape_rwkv_token
     assert all(unescape_rwkv_token(tokens[i]) == tok for i, tok in vocab.items())
 
 
@@ -297,7 +297,7 @@ def test_world_vocab_exports_back(world_gguf, tmp_path):
     assert isinstance(load_tokenizer(tmp_path / "hf"), WorldTokenizer)
     assert read_world_vocab(tmp_path / "hf" / "rwkv_vocab_v20230424.txt") == read_world_vocab(WORLD_VOCAB_PATH)
     quiet_convert(tmp_path / "hf", tmp_path / "again.gguf")              # and back into GGUF from the HF dir
-    from engine.gguf_format import GGUFCheckpoint
+    from engine.formats.gguf import GGUFCheckpoint
     assert GGUFCheckpoint(tmp_path / "again.gguf").tokenizer().world_vocab == read_world_vocab(WORLD_VOCAB_PATH)
 
 
@@ -354,7 +354,7 @@ def test_refuses_to_overwrite_without_force(src, tmp_path, capsys):
 
 
 def test_goose_cli_has_convert(src, tmp_path):
-    from server.cli import main as goose
+    from goose.cli import main as goose
     assert goose(["convert", str(src), str(tmp_path / "m.gguf"), "-q"]) == 0
     assert goose(["info", str(tmp_path / "m.gguf")]) == 0
 

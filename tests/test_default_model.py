@@ -58,7 +58,7 @@ def test_official_rwkv_package_loads_our_converted_pth(tmp_path):
     """goose convert -> .pth -> rwkv==0.8.32 gives the same logits as our engine."""
     from rwkv.model import RWKV
 
-    from engine.convert import main as convert
+    from engine.formats.convert import main as convert
     assert convert([str(MODEL_DIR / "model.safetensors"), str(tmp_path / "austen.pth"), "-q"]) == 0
     ours = load_model(MODEL_DIR, "cpu fp32")
     theirs = RWKV(str(tmp_path / "austen"), "cpu fp32")

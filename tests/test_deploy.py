@@ -358,7 +358,7 @@ def test_dockerfile_structure():
     (entry,) = [json.loads(i.args) for i in runtime if i.cmd == "ENTRYPOINT"]
     assert entry == ["goose", "serve"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
-    assert scripts["goose"] == "server.cli:main"
+    assert scripts["goose"] == "goose.cli:main"
 
 
 def test_image_layout_matches_the_repository():
@@ -495,6 +495,15 @@ def ignored(path: str) -> bool:
     return result
 
 
+def setuptools_packages(project: dict) -> list[str]:
+    """The package folders pyproject's [tool.setuptools.packages.find] includes (subpackages too)."""
+    found = set()
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        top = pattern.rstrip("*").rstrip(".")
+        found |= {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / top).rglob("__init__.py")}
+    return sorted(found)
+
+
 def test_dockerignore():
     """What the build needs is in the context (packages, pyproject, README, staged files); the rest stays out."""
     for path in (".git/config", ".venv/bin/python", "training/runs/austen/ckpt.pth", "training/data/austen.txt.xz",
@@ -505,11 +514,12 @@ def test_dockerignore():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     needed = ["pyproject.toml", "README.md", "LICENSE", "NOTICE", "models/rwkv7-austen/model.safetensors",
               "models/rwkv7-austen/tokenizer.json", "models/rwkv7-austen/goose.json"]
-    for package in project["tool"]["setuptools"]["packages"]:
+    for package in setuptools_packages(project):
         needed += [p.relative_to(ROOT).as_posix() for p in (ROOT / package).glob("*.py")]
         assert (ROOT / package / "__init__.py").is_file()
     for package, globs in project["tool"]["setuptools"].get("package-data", {}).items():
-        needed += [p.relative_to(ROOT).as_posix() for g in globs for p in (ROOT / package).glob(g)]
+        folder = ROOT / package.replace(".", "/")
+        needed += [p.relative_to(ROOT).as_posix() for g in globs for p in folder.glob(g)]
     for source in staged_sources():
         needed.append(source)
         needed += [p.relative_to(ROOT).as_posix() for p in (ROOT / source).rglob("*") if p.is_file()]
@@ -757,7 +767,7 @@ def test_image_environment_serves_and_probes_pass(tmp_path):
     env["GOOSE_CONFIG"] = str(image_to_repo(image_env["GOOSE_CONFIG"]))
     port = _free_port()
     env.update(GOOSE_SERVER_PORT=str(port), GOOSE_API_KEY="deploy-test-key")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "goose.cli", "serve"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     script = [sys.executable, str(ROOT / "docker" / "healthcheck.py")]
     try:

@@ -9,7 +9,7 @@ import torch
 
 from engine import (AsyncEngine, EngineConfig, EngineDead, EngineDraining, FinishReason, GenerateRequest,
                     InvalidRequest, Overloaded, SamplingParams, load_model, load_tokenizer)
-from engine.random_checkpoint import CheckpointShape, write_checkpoint
+from bench.random_checkpoint import CheckpointShape, write_checkpoint
 
 TOK = load_tokenizer("world")
 
@@ -333,7 +333,7 @@ def test_step_loop_runs_with_the_configured_threads(model):
 def test_call_in_new_thread_returns_and_raises():
     import threading
 
-    from engine.threads import acall_in_new_thread, call_in_new_thread
+    from engine.model.threads import acall_in_new_thread, call_in_new_thread
     main = threading.get_ident()
     assert call_in_new_thread(lambda x, y=0: (x + y, threading.get_ident() != main), 2, y=3) == (5, True)
     with pytest.raises(KeyError, match="boom"):
@@ -353,7 +353,7 @@ def test_tune_malloc_keeps_large_temporaries_mapped():
     """After tune_malloc, re-allocating a 4 MiB tensor does not page-fault it in again each time."""
     import resource
 
-    from engine.allocator import tune_malloc
+    from engine.model.allocator import tune_malloc
     assert tune_malloc(env={"GOOSE_MALLOC_TUNE": "0"}) is False
     assert tune_malloc(env={}) is True
     for _ in range(3):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import RNNState, load_model
-from engine.random_checkpoint import write_checkpoint
+from bench.random_checkpoint import write_checkpoint
 from tests.conftest import PARITY_SHAPES, rel_err
 
 
@@ -156,6 +156,9 @@ def test_linear_backends_agree(tiny_pth, tiny_model):
 
 def test_linear_backends_agree_in_bf16(tiny_pth):
     """bf16 with packed oneDNN weights and bf16 through F.linear round the same products alike."""
+    from engine.model.linear import probe_onednn
+    if not probe_onednn(torch.bfloat16)[0]:
+        pytest.skip("oneDNN's bf16 linear is not usable on this CPU (no AVX-512)")
     a = load_model(tiny_pth, "cpu bf16", linear_backend="aten")
     b = load_model(tiny_pth, "cpu bf16", linear_backend="onednn")
     toks = tokens_for(a, 2, 30, seed=6)
@@ -167,15 +170,16 @@ def test_linear_backends_agree_in_bf16(tiny_pth):
 
 def test_linear_backend_choice(tiny_pth, monkeypatch):
     from engine import ModelLoadError
-    if torch.backends.mkldnn.is_available():
+    from engine.model.linear import probe_onednn, select_linear
+    if probe_onednn(torch.float32)[0]:
         assert load_model(tiny_pth, "cpu fp32").linear_backend == "onednn"
-        assert load_model(tiny_pth, "cpu bf16").linear_backend == "onednn"
-    from engine.linear import _probe, select_linear
-    if _probe(torch.float32)[1]:      # packed fp32: decode's few-row LoRA products go to F.linear (test above)
+    bf16_onednn = probe_onednn(torch.bfloat16)[0]
+    assert load_model(tiny_pth, "cpu bf16").linear_backend == ("onednn" if bf16_onednn else "aten")
+    if probe_onednn(torch.float32)[1]:      # packed fp32: decode's few-row LoRA products go to F.linear (test above)
         assert select_linear(torch.device("cpu"), torch.float32).small_rows > 1
     assert select_linear(torch.device("cpu"), torch.bfloat16).small_rows == 0
     assert select_linear(torch.device("cpu"), torch.float32, "aten").small_rows == 0
-    if _probe(torch.bfloat16)[1]:     # bf16 LoRA factors stay packed, one copy
+    if probe_onednn(torch.bfloat16)[1]:     # bf16 LoRA factors stay packed, one copy
         w1 = load_model(tiny_pth, "cpu bf16").layers[1].w1
         assert w1[1].is_mkldnn and w1[0] is w1[1]
     with pytest.raises(ModelLoadError, match="unknown linear backend 'blas'.*auto, onednn, aten"):
@@ -192,8 +196,8 @@ def test_loaded_model_releases_the_checkpoint_mapping(tmp_path):
     """With packed weights no model tensor aliases the memory-mapped checkpoint, so the file is unmapped."""
     import gc
 
-    from engine.linear import _probe
-    if not _probe(torch.float32)[1]:
+    from engine.model.linear import probe_onednn
+    if not probe_onednn(torch.float32)[1]:
         pytest.skip("oneDNN weight packing is not available in this torch build")
     path = tmp_path / "released.pth"
     write_checkpoint(path, PARITY_SHAPES["c192-f500-v0absent"], seed=2)

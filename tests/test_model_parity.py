@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from engine import load_model
-from engine.random_checkpoint import write_checkpoint
+from bench.random_checkpoint import write_checkpoint
 from tests.conftest import PARITY_SHAPES, rel_err
 
 TOL = 1e-4   # max |diff| relative to max |logit|

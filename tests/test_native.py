@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine import ModelLoadError, load_model
-from engine.random_checkpoint import write_checkpoint
+from bench.random_checkpoint import write_checkpoint
 from kernels import get_wkv7, native
 from tests.conftest import PARITY_SHAPES, rel_err
 from tests.test_kernels import make_inputs

@@ -1,6 +1,6 @@
 """Stop strings on decoded text: spanning tokens, hold-back of partial matches, release at the end."""
-from engine.stop import TextStream
-from engine.tokenizer import load_tokenizer
+from engine.text.stop import TextStream
+from engine.text.tokenizer import load_tokenizer
 
 TOK = load_tokenizer("world")
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine import ModelLoadError, load_model, parse_strategy
-from engine.weights import load_weights
+from engine.formats.checkpoint import load_weights
 from tests.conftest import rel_err
 
 

@@ -13,7 +13,7 @@ import math
 from engine import (EngineConfig, EngineDead, EngineDraining, EngineStats, FinishReason, GenerateRequest,
                     InvalidRequest, ModelConfig, Overloaded, RequestFailed, RequestOutput, SequenceOutput,
                     TokenLogprob)
-from engine.stop import TextStream
+from engine.text.stop import TextStream
 
 SCRIPT = " The quick brown fox jumps over the lazy dog. Élan, naïve café!\n\nUser: more"
 

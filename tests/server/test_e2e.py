@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import AsyncEngine, EngineConfig, load_model
-from engine.random_checkpoint import CheckpointShape, write_checkpoint
+from bench.random_checkpoint import CheckpointShape, write_checkpoint
 from tests.server.conftest import MODEL, make_settings, openai_client, serve, sse_events
 from tests.server.test_lifecycle import metric, raw_call
 

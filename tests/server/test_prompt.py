@@ -1,8 +1,8 @@
-"""engine/prompt.py: RWKV chat rendering, message normalisation, templates from goose.json."""
+"""engine/text/chat.py: RWKV chat rendering, message normalisation, templates from goose.json."""
 import pytest
 
 from engine import InvalidRequest
-from engine.prompt import ChatTemplate, clean_message, render_chat
+from engine.text.chat import ChatTemplate, clean_message, render_chat
 
 
 def test_rwkv_format_multi_turn_with_system():

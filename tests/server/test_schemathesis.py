@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from engine import EngineConfig, InvalidRequest
-from engine.prompt import render_chat
+from engine.text.chat import render_chat
 from server.app import ModelInfo, create_app
 from server.settings import ServerSettings, Settings
 from tests.server.conftest import MODEL

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from engine.random_checkpoint import write_checkpoint
+from bench.random_checkpoint import write_checkpoint
 from server.serve import main
 from tests.server.test_e2e import SHAPE
 
@@ -40,7 +40,7 @@ def test_goose_serve_subprocess(tmp_path, model_dir):
     cfg.write_text(f"model:\n  path: tiny-model\n  tokenizer: tiny-model/tokenizer.json\n"
                    f"server:\n  port: {port}\n  shutdown_timeout: 1.0\n  api_keys: [k-1]\n"
                    f"engine:\n  max_sessions: 4\n  step_token_budget: 64\n")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "goose.cli", "serve", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)

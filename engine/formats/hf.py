@@ -1,7 +1,7 @@
 """The fla-hub Hugging Face layout (names, config.json, tokenizer files) and the tokenizer data a conversion carries.
 
 BlinkDL -> fla names follow the reference notes §3.2 (fla `utils/convert_from_rwkv7.py`); the reverse mapping lives in
-engine/weights.py (`to_blinkdl_names`), which every reader already uses.
+engine/formats/checkpoint.py (`to_blinkdl_names`), which every reader already uses.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.tokenizer import WORLD_EOT_TEXT, WORLD_VOCAB_PATH, read_world_vocab
+from engine.text.tokenizer import WORLD_EOT_TEXT, WORLD_VOCAB_PATH, read_world_vocab
 
 WORLD_VOCAB_NAME = "rwkv_vocab_v20230424.txt"
 # RWKV chat format (reference notes §3.4): "System: ...\n\n", "User: ...\n\n", "Assistant: ...\n\n", then "Assistant:".

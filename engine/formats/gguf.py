@@ -17,8 +17,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.hf_format import CHAT_TEMPLATE, TokenizerData
-from engine.tokenizer import component_types
+from engine.formats.hf import CHAT_TEMPLATE, TokenizerData
+from engine.text.tokenizer import component_types
 
 ARCH = "rwkv7"
 CONTEXT_LENGTH = 1048576              # RWKV is not context limited; llama.cpp's converter writes this

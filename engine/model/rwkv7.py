@@ -12,10 +12,10 @@ import kernels
 from kernels import native
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.linear import select_linear
-from engine.state import RNNState
-from engine.strategy import Strategy, parse_strategy, prepare_device
-from engine.weights import load_weights
+from engine.model.linear import select_linear
+from engine.model.state import RNNState
+from engine.model.strategy import Strategy, parse_strategy, prepare_device
+from engine.formats.checkpoint import load_weights
 
 LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCALE * sigmoid(z), in [-0.607, 0)
 LN_EPS = 1e-5
@@ -294,7 +294,7 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
                linear_backend: str | None = None, native_kernels: bool | None = None) -> RWKV7:
     """Load an RWKV-7 checkpoint (.pth, .safetensors or a Hugging Face directory) for inference.
 
-    linear_backend: None/"auto" (oneDNN on CPU when it works, see engine/linear.py), "onednn" or "aten".
+    linear_backend: None/"auto" (oneDNN on CPU when it works, see engine/model/linear.py), "onednn" or "aten".
     native_kernels: None (use the native CPU time-mix kernels when they build, see kernels/native.py), True
     (required) or False (torch ops for the model; the engine's sampler follows GOOSE_NATIVE_KERNELS only).
     """

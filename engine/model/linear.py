@@ -39,11 +39,11 @@ class Linear(NamedTuple):
     small_rows: int = 0
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight in oneDNN's own blocked layout (an opaque MKLDNN tensor), so no call re-lays it out: the
     head's M=64 product took 32 ms instead of 42, the FFN's ~10-20% less, M=1 and M=1024 no worse."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
@@ -55,7 +55,7 @@ def _same(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _probe(dtype: torch.dtype) -> tuple[bool, bool]:
+def probe_onednn(dtype: torch.dtype) -> tuple[bool, bool]:
     """(oneDNN's linear works, packed weights work) in this torch build, each checked against F.linear; a
     property of the build, so it runs once per dtype (load_model asks before loading, the model again)."""
     if not torch.backends.mkldnn.is_available():
@@ -66,11 +66,11 @@ def _probe(dtype: torch.dtype) -> tuple[bool, bool]:
     with torch.inference_mode():
         want = F.linear(x, w).float()
         try:
-            dense = _same(_onednn_linear(x, w).float(), want, dtype)
+            dense = _same(onednn_linear(x, w).float(), want, dtype)
         except (AttributeError, RuntimeError, NotImplementedError):
             return False, False
         try:
-            packed = dense and _same(_onednn_linear(x, _onednn_pack(w)).float(), want, dtype)
+            packed = dense and _same(onednn_linear(x, onednn_pack(w)).float(), want, dtype)
         except (AttributeError, RuntimeError, NotImplementedError):
             packed = False
     return dense, packed
@@ -92,11 +92,11 @@ def select_linear(device: torch.device, dtype: torch.dtype, backend: str | None 
     aten = Linear("aten", F.linear, _unchanged)
     if backend == "aten":
         return aten
-    dense, packed = _probe(dtype) if torch.device(device).type == "cpu" else (False, False)
+    dense, packed = probe_onednn(dtype) if torch.device(device).type == "cpu" else (False, False)
     if backend == "onednn" and not dense:
         raise ValueError(f"the oneDNN linear is not usable for {dtype} on {device} with this torch build")
     if packed:
-        return Linear("onednn", _onednn_linear, _onednn_pack, SMALL_ROWS if dtype == torch.float32 else 0)
+        return Linear("onednn", onednn_linear, onednn_pack, SMALL_ROWS if dtype == torch.float32 else 0)
     if dense and (backend == "onednn" or dtype == torch.float32):
-        return Linear("onednn", _onednn_linear, _unchanged)
+        return Linear("onednn", onednn_linear, _unchanged)
     return aten

@@ -1,7 +1,7 @@
 """Stop strings matched on decoded text: release what is safe, hold back a possible partial match."""
 from __future__ import annotations
 
-from engine.tokenizer import StreamDecoder
+from engine.text.tokenizer import StreamDecoder
 
 
 class TextStream:

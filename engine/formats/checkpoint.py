@@ -102,7 +102,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     elif path.suffix == ".safetensors":
         raw = _read_safetensors(path)
     elif path.suffix == ".gguf":
-        from engine.gguf_format import read_gguf
+        from engine.formats.gguf import read_gguf
         raw = read_gguf(path)
     else:
         raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; supported: {SUPPORTED}")

@@ -10,8 +10,8 @@ from collections.abc import Hashable
 
 import torch
 
-from engine.model import RWKV7
-from engine.state import RNNState
+from engine.model.rwkv7 import RWKV7
+from engine.model.state import RNNState
 
 
 class StatePool:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelLoadError
-from engine.hf_format import (
+from engine.formats.hf import (
     TokenizerData,
     fla_name,
     tokenizer_data_from_spec,
@@ -33,7 +33,7 @@ from engine.hf_format import (
     write_hf_extras,
     write_tokenizer_files,
 )
-from engine.weights import (
+from engine.formats.checkpoint import (
     _read_pth,
     check_variant,
     infer_config,
@@ -60,7 +60,7 @@ class Source:
         if not self.path.exists():
             raise ModelLoadError(f"{self.path}: no such file or directory")
         if self.path.suffix == ".gguf" and self.path.is_file():
-            from engine.gguf_format import GGUFCheckpoint
+            from engine.formats.gguf import GGUFCheckpoint
             self._gguf = GGUFCheckpoint(self.path)
             self.kind = "gguf"
             meta = dict(self._gguf.meta)
@@ -233,7 +233,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     bar = None
     try:
         if fmt == "gguf":
-            from engine.gguf_format import (
+            from engine.formats.gguf import (
                 bpe_pretokenizer_note,
                 require_gguf,
                 tensor_nbytes,
@@ -307,7 +307,7 @@ def _export_tokenizer(src: Path, dst: Path, spec: str | None, force: bool, t0: f
     if spec is not None:
         tok = tokenizer_data_from_spec(spec)
     elif src.suffix == ".gguf":
-        from engine.gguf_format import GGUFCheckpoint
+        from engine.formats.gguf import GGUFCheckpoint
         tok = GGUFCheckpoint(src).tokenizer()
     else:
         tok = tokenizer_data_in_dir(src if src.is_dir() else src.parent)
@@ -323,7 +323,7 @@ def _export_tokenizer(src: Path, dst: Path, spec: str | None, force: bool, t0: f
             tmp.mkdir(parents=True)
             write_tokenizer_files(tok, tmp)
         else:
-            from engine.hf_format import render_world_vocab
+            from engine.formats.hf import render_world_vocab
             tmp.write_text(render_world_vocab(tok.world_vocab) if tok.kind == "world" else tok.hf_json,
                            encoding="utf-8")
         _replace(tmp, dst, force)

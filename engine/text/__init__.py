@@ -1,0 +1,6 @@
+"""Text: tokenizers (tokenizer.py), the chat template (chat.py), and stop strings over streamed text (stop.py)."""
+from engine.text.chat import ChatTemplate, render_chat
+from engine.text.stop import TextStream
+from engine.text.tokenizer import load_tokenizer
+
+__all__ = ["ChatTemplate", "render_chat", "TextStream", "load_tokenizer"]
