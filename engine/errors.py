@@ -18,6 +18,10 @@ class InvalidRequest(EngineError, ValueError):
         self.param = param
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt has more tokens than the engine's max_prompt_tokens."""
+
+
 class Overloaded(EngineError):
     """The waiting queue is full; retry later (the server answers 429 with Retry-After)."""
 

@@ -13,6 +13,8 @@ MAX_STOP = 16
 MAX_STOP_LEN = 256
 MAX_LOGIT_BIAS = 1024
 MAX_N = 16
+SEED_MIN, SEED_MAX = -(2**53 - 1), 2**53 - 1
+"""Seeds a JSON client can send exactly (JavaScript numbers and JSON Schema validators compare as float64)."""
 _ids = itertools.count(1)
 
 
@@ -73,7 +75,8 @@ class SamplingParams:
         _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"may hold at most {MAX_LOGIT_BIAS} entries")
         for tok, bias in self.logit_bias:
             _check(_finite(bias) and -100 <= bias <= 100, "logit_bias", f"bias for token {tok} must be in [-100, 100]")
-        _check(len(self.stop) <= MAX_STOP, "stop", f"may hold at most {MAX_STOP} strings")
+        _check(len(self.stop) <= MAX_STOP, "stop", f"may hold at most {MAX_STOP} strings (a chat template's own "
+               f"stop strings count too)")
         for s in self.stop:
             _check(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LEN, "stop",
                    f"strings must be 1..{MAX_STOP_LEN} characters")
@@ -81,8 +84,8 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS), name,
                    f"must be between 0 and {MAX_LOGPROBS}")
-        _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63), "seed",
-               "must be a 64-bit integer")
+        _check(self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
+               f"must be an integer between {SEED_MIN} and {SEED_MAX}")
 
     @property
     def greedy(self) -> bool:

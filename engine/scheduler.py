@@ -1,4 +1,4 @@
-"""Pure scheduling policy (no torch): admission, slot accounting, and each step's token budget.
+"""Pure scheduling policy (no torch): admission order, slot accounting, and each step's token budget.
 
 A group is one request: it prefills its prompt once in one slot, then decodes n sequences in n slots.
 Every step decodes one token for every decoding sequence, and spends what is left of the step's token
@@ -45,10 +45,8 @@ class SchedulePlan:
 class Scheduler:
     """Admission (FIFO, n slots per request), slot accounting and per-step budgeting."""
 
-    def __init__(self, *, max_slots: int, max_waiting: int, prefill_chunk: int, step_token_budget: int,
-                 align: int = 0):
+    def __init__(self, *, max_slots: int, prefill_chunk: int, step_token_budget: int, align: int = 0):
         self.max_slots = max_slots
-        self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         self.step_token_budget = step_token_budget
         self.align = align                                   # chunks end on multiples of this (0: anywhere)
@@ -66,14 +64,17 @@ class Scheduler:
         return sum(g.live if g.phase is Phase.DECODE else g.n
                    for g in self.groups.values() if g.phase is not Phase.WAITING)
 
-    def can_add(self, n: int) -> bool:
-        return n <= self.max_slots and self.waiting_seqs + n <= self.max_waiting
+    def is_waiting(self, group_id: str) -> bool:
+        g = self.groups.get(group_id)
+        return g is not None and g.phase is Phase.WAITING
 
     def add(self, group_id: str, prompt_len: int, n: int) -> None:
+        """Queue a group. How many may wait is the engine's admission rule (engine/core.py), not the scheduler's;
+        a group needing more than all slots could never run and is refused here."""
         if group_id in self.groups:
             raise ValueError(f"request id {group_id!r} is already in use")
-        if not self.can_add(n):
-            raise OverflowError("waiting queue is full")
+        if n > self.max_slots:
+            raise ValueError(f"{n} sequences can never fit in {self.max_slots} slots")
         self.groups[group_id] = GroupState(group_id, n, prompt_len)
         self.waiting.append(group_id)
 

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import EngineDead, EngineDraining, InvalidRequest, Overloaded, RequestFailed
+from engine import ContextLengthExceeded, EngineDead, EngineDraining, InvalidRequest, Overloaded, RequestFailed
 
 log = logging.getLogger("goose.server")
 
@@ -26,10 +26,6 @@ class APIError(Exception):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-
-class ContextLengthExceeded(InvalidRequest):
-    """The prompt has more tokens than engine.max_prompt_tokens."""
 
 
 class Unauthorized(APIError):

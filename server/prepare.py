@@ -6,20 +6,16 @@ import asyncio
 import time
 import uuid
 
-from engine import EngineDead, EngineDraining, GenerateRequest, InvalidRequest, Overloaded, SamplingParams
-from engine import MAX_STOP, render_chat
-from server.errors import ContextLengthExceeded, ModelNotFound
+from engine import GenerateRequest, InvalidRequest, Overloaded, SamplingParams, render_chat
+from server.errors import ModelNotFound
 from server.generation import Generation
 from server.protocol import ChatRequest, CompletionRequest, SamplingFields
 
 
 def sampling_params(req: SamplingFields, ctx, *, max_tokens: int | None, logprobs: int | None = None,
                     prompt_logprobs: int | None = None, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
-    """The one place request fields and server defaults become engine SamplingParams."""
-    cfg = ctx.engine.config
-    max_tokens = cfg.default_max_tokens if max_tokens is None else max_tokens
-    if max_tokens > cfg.max_max_tokens:
-        raise InvalidRequest(f"max_tokens {max_tokens} exceeds the limit {cfg.max_max_tokens}", param="max_tokens")
+    """The one place request fields and server defaults become engine SamplingParams (the engine checks them)."""
+    max_tokens = ctx.engine.config.default_max_tokens if max_tokens is None else max_tokens
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     stop = tuple(dict.fromkeys(stop + extra_stop))
     bias = []
@@ -27,7 +23,7 @@ def sampling_params(req: SamplingFields, ctx, *, max_tokens: int | None, logprob
         if not key.strip().lstrip("-").isdigit():
             raise InvalidRequest(f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias")
         bias.append((int(key), float(value)))
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -38,12 +34,6 @@ def sampling_params(req: SamplingFields, ctx, *, max_tokens: int | None, logprob
         penalty_decay=1.0 if req.penalty_decay is None else req.penalty_decay,
         logit_bias=tuple(bias), stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), seed=req.seed,
         logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos)
-    params.check_token_ids(vocab_size(ctx))
-    return params
-
-
-def vocab_size(ctx) -> int:
-    return min(ctx.engine.model_config.vocab_size, ctx.engine.tokenizer.vocab_size)
 
 
 def check_model(ctx, name: str | None) -> None:
@@ -53,63 +43,47 @@ def check_model(ctx, name: str | None) -> None:
 
 
 def precheck(ctx, sequences: int) -> None:
-    """Refuse fast, before any tokenizing, what admission would refuse anyway."""
-    engine = ctx.engine
-    if engine.is_draining:
-        raise EngineDraining("the server is shutting down")
-    if not engine.is_alive:
-        raise EngineDead("the engine has stopped")
-    limit = engine.config.max_waiting
+    """Refuse fast, before any tokenizing, what admission would refuse anyway: a full queue. (Every other rule is
+    the engine's, decided once when the request is submitted.)"""
+    limit = ctx.engine.config.max_waiting
     if sequences > limit:
         raise InvalidRequest(f"the request asks for {sequences} sequences (prompts x n); the most one request may "
                              f"ask for is {limit}", param="n")
-    if engine.stats().waiting + sequences > limit:
+    if ctx.engine.stats().waiting + sequences > limit:
         raise Overloaded("too many requests waiting; retry later", retry_after=1.0)
 
 
-def check_prompt(ctx, ids: list[int], param: str = "prompt") -> list[int]:
-    if not ids:
-        raise InvalidRequest(f"{param} must not be empty", param=param)
-    limit = ctx.engine.config.max_prompt_tokens
-    if len(ids) > limit:
-        raise ContextLengthExceeded(f"{param} has {len(ids)} tokens; the limit is {limit}", param=param)
-    vocab = vocab_size(ctx)
-    if min(ids) < 0 or max(ids) >= vocab:
-        bad = next(t for t in ids if not 0 <= t < vocab)
-        raise InvalidRequest(f"token id {bad} in {param} is outside the vocabulary [0, {vocab})", param=param)
-    return ids
-
-
-def token_lists(ctx, value, param: str, *, allow_special: bool) -> list[list[int]]:
-    """str | list[str] | list[int] | list[list[int]] -> token lists; token ids are never re-tokenized.
-
-    Runs in a worker thread (tokenizing a large prompt is CPU work)."""
-    tok = ctx.engine.tokenizer
-    single = isinstance(value, str) or isinstance(value[0], int)
-    items = [value] if single else list(value)
+def prompt_items(ctx, value, param: str) -> list:
+    """str | list[str] | list[int] | list[list[int]] -> the list of prompts, at most server.max_batch of them."""
+    items = [value] if isinstance(value, str) or isinstance(value[0], int) else list(value)
     if len(items) > ctx.settings.server.max_batch:
         raise InvalidRequest(f"{param} holds {len(items)} items; the limit is {ctx.settings.server.max_batch}",
                              param=param)
-    out = []
-    for item in items:
-        ids = tok.encode(item, allow_special=allow_special) if isinstance(item, str) else list(item)
-        out.append(check_prompt(ctx, ids, param))
-    return out
+    return items
+
+
+def token_lists(ctx, items: list, *, allow_special: bool) -> list[list[int]]:
+    """Prompts -> token lists; token ids are never re-tokenized. Runs in a worker thread (tokenizing a large
+    prompt is CPU work)."""
+    tok = ctx.engine.tokenizer
+    return [tok.encode(item, allow_special=allow_special) if isinstance(item, str) else list(item) for item in items]
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def _submit(ctx, gen: Generation, params: SamplingParams) -> Generation:
+async def _submit(ctx, gen: Generation, params: SamplingParams, prompt_param: str) -> Generation:
     try:
         for p, ids in enumerate(gen.prompts):
             rid = gen.id if len(gen.prompts) == 1 else f"{gen.id}-{p}"
             gen.streams.append(await ctx.engine.submit(
                 GenerateRequest(prompt_tokens=ids, params=params, n=gen.n, request_id=rid)))
-    except BaseException:
+    except BaseException as exc:
         for stream in gen.streams:
             await stream.aclose()
+        if isinstance(exc, InvalidRequest) and exc.param == "prompt":
+            exc.param = prompt_param            # the engine's prompt is this endpoint's messages
         raise
     return gen
 
@@ -120,17 +94,14 @@ async def start_completion(ctx, req: CompletionRequest) -> Generation:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
-    count = 1 if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else len(req.prompt)
-    if count > ctx.settings.server.max_batch:
-        raise InvalidRequest(f"prompt holds {count} prompts; the limit is {ctx.settings.server.max_batch}",
-                             param="prompt")
-    precheck(ctx, count * req.n)
-    prompts = await asyncio.to_thread(token_lists, ctx, req.prompt, "prompt", allow_special=True)
+    items = prompt_items(ctx, req.prompt, "prompt")
+    precheck(ctx, len(items) * req.n)
+    prompts = await asyncio.to_thread(token_lists, ctx, items, allow_special=True)
     params = sampling_params(req, ctx, max_tokens=req.max_tokens, logprobs=req.logprobs,
                              prompt_logprobs=req.logprobs if req.echo else None)
     gen = Generation(ctx, new_id("cmpl"), int(time.time()), [], prompts, req.n, echo=req.echo,
                      logprobs=req.logprobs)
-    return await _submit(ctx, gen, params)
+    return await _submit(ctx, gen, params, "prompt")
 
 
 async def start_chat(ctx, req: ChatRequest) -> Generation:
@@ -139,24 +110,17 @@ async def start_chat(ctx, req: ChatRequest) -> Generation:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
-    template = ctx.info.template
-    user_stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    room = MAX_STOP - len(template.stop)
-    if len(set(user_stops) - set(template.stop)) > room:
-        raise InvalidRequest(f"stop may hold at most {room} strings besides the chat template's own",
-                             param="stop")
     precheck(ctx, req.n)
     messages = [m.model_dump(include={"role", "content"}) for m in req.messages]
     ids = await asyncio.to_thread(_chat_tokens, ctx, messages)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, ctx, max_tokens=max_tokens, logprobs=k, extra_stop=template.stop)
+    params = sampling_params(req, ctx, max_tokens=max_tokens, logprobs=k, extra_stop=ctx.info.template.stop)
     gen = Generation(ctx, new_id("chatcmpl"), int(time.time()), [], [ids], req.n, logprobs=k)
-    return await _submit(ctx, gen, params)
+    return await _submit(ctx, gen, params, "messages")
 
 
 def _chat_tokens(ctx, messages: list[dict]) -> list[int]:
     tok = ctx.engine.tokenizer
     text = render_chat(messages, ctx.info.template)
-    ids = ([tok.eot_id] if ctx.info.template.bos else []) + tok.encode(text, allow_special=False)
-    return check_prompt(ctx, ids, "messages")
+    return ([tok.eot_id] if ctx.info.template.bos else []) + tok.encode(text, allow_special=False)

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 
-from engine import MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_LEN
+from engine import MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_LEN, SEED_MAX, SEED_MIN
 
 log = logging.getLogger("goose.server")
 _warned: set[str] = set()
@@ -30,7 +30,7 @@ TokenId = NonNegInt = _int(ge=0)
 PosInt = _int(ge=1)
 Count = _int(ge=1, le=MAX_N)
 LogprobCount = _int(ge=0, le=MAX_LOGPROBS)
-Seed = _int(ge=-(2**53 - 1), le=2**53 - 1)   # the float64-exact range: JSON Schema validators compare as float
+Seed = _int(ge=SEED_MIN, le=SEED_MAX)   # the engine's rule (engine/request.py), shown in the schema
 TokenList = Annotated[list[TokenId], Field(min_length=1)]
 NonEmptyText = Annotated[str, Field(min_length=1)]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]

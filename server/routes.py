@@ -69,7 +69,8 @@ async def chat_completions(body: ChatRequest, request: Request):
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = ready(request)
     prepare.check_model(state, body.model)
-    inputs = await asyncio.to_thread(prepare.token_lists, state, body.input, "input", allow_special=True)
+    items = prepare.prompt_items(state, body.input, "input")
+    inputs = await asyncio.to_thread(prepare.token_lists, state, items, allow_special=True)
     width = state.engine.model_config.n_embd
     if body.dimensions is not None and body.dimensions > width:
         raise InvalidRequest(f"dimensions must be at most {width} for this model", param="dimensions")
@@ -122,7 +123,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = ready(request)
     prepare.check_model(state, body.model)
-    vocab = prepare.vocab_size(state)
+    vocab = state.engine.vocab_size
     bad = next((t for t in body.tokens if t >= vocab), None)
     if bad is not None:
         raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
@@ -134,7 +135,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 async def tokenizer_info(request: Request):
     state = ready(request)
     tok = state.engine.tokenizer
-    return TokenizerInfo(eos_token=tok.eot_text, eos_token_id=tok.eot_id, vocab_size=prepare.vocab_size(state),
+    return TokenizerInfo(eos_token=tok.eot_text, eos_token_id=tok.eot_id, vocab_size=state.engine.vocab_size,
                          tokenizer_class=type(tok).__name__)
 
 

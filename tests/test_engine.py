@@ -365,3 +365,105 @@ def test_tune_malloc_keeps_large_temporaries_mapped():
     # untuned: ~1024 faults (4 KiB pages) per tensor, ~20k here; tuned: none, but the count is process-wide,
     # so leave room for one stray re-mapping (seen once in ~10 runs after the sampling tests)
     assert faults < 4 * 1024
+
+
+def test_admission_at_the_max_waiting_edge_never_kills_the_engine(model, monkeypatch):
+    """Threads with their own event loops and many tasks each submit at the max_waiting edge while the loop drains
+    the queue: every request gets its output or Overloaded, and afterwards the engine is alive and empty. (The
+    scheduler is slowed down to widen the window between the loop taking requests and publishing its counts.)"""
+    import threading
+    import time
+
+    from engine.scheduler import Scheduler
+    add = Scheduler.add
+
+    def slow_add(self, *args, **kw):
+        time.sleep(0.002)
+        return add(self, *args, **kw)
+    monkeypatch.setattr(Scheduler, "add", slow_add)
+
+    async def body(eng):
+        async def one(i):
+            req = GenerateRequest(prompt(3 + i % 5, seed=i), SamplingParams(max_tokens=2, ignore_eos=True),
+                                  n=1 + i % 2)
+            try:
+                outs = (await collect(eng, req))[4]
+                assert outs[-1].finished
+                return "done"
+            except Overloaded:
+                return "overloaded"
+
+        results: list[str] = []
+
+        def client(base):
+            async def burst():
+                return await asyncio.gather(*(one(base + i) for i in range(40)))
+            results.extend(asyncio.run(burst()))
+
+        threads = [threading.Thread(target=client, args=(k * 100,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        await asyncio.gather(*(one(1000 + i) for i in range(40)))   # this loop joins the burst too
+        await asyncio.to_thread(lambda: [t.join() for t in threads])
+        for _ in range(200):
+            s = eng.stats()
+            if s.running == 0 and s.waiting == 0 and s.slots_used == 0:
+                break
+            await asyncio.sleep(0.02)
+        alive_after = eng.is_alive
+        final = await collect(eng, GenerateRequest(prompt(5), SamplingParams(max_tokens=2)))
+        return results, eng.stats(), alive_after, final
+    results, stats, alive, final = run_engine(model, body, max_sessions=2, max_waiting=4, step_token_budget=64)
+    assert len(results) == 160 and set(results) <= {"done", "overloaded"}
+    assert "done" in results and "overloaded" in results
+    assert alive and stats.running == 0 and stats.waiting == 0 and stats.slots_used == 0
+    assert len(final[0][0]) == 2
+
+
+def test_a_failing_tokenizer_callback_fails_only_its_request(model):
+    """The stream decoder is the caller's code (the tokenizer passed in): if it raises while a request starts
+    decoding, that request fails and the engine serves on."""
+    class Flaky:
+        def __init__(self, tok):
+            self._tok, self.calls = tok, 0
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def stream_decoder(self):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("decoder broke")
+            return self._tok.stream_decoder()
+
+    async def main():
+        eng = AsyncEngine(model, Flaky(TOK), EngineConfig(max_sessions=4, step_token_budget=64))
+        eng.start()
+        try:
+            with pytest.raises(Exception, match="failed"):
+                await collect(eng, GenerateRequest(prompt(5), SamplingParams(max_tokens=2)))
+            good = await collect(eng, GenerateRequest(prompt(5), SamplingParams(max_tokens=2)))
+            return good, eng.is_alive, eng.stats()
+        finally:
+            await eng.stop(drain_timeout=5)
+    good, alive, stats = asyncio.run(main())
+    assert alive and len(good[0][0]) == 2 and stats.slots_used == 0
+
+
+def test_rules_are_decided_once_with_one_error_each(model):
+    """The engine owns every request rule: context length (ContextLengthExceeded), vocabulary, max_tokens, n."""
+    from engine import ContextLengthExceeded
+
+    async def body(eng):
+        with pytest.raises(ContextLengthExceeded) as info:
+            await eng.submit(GenerateRequest([1] * 65))
+        assert info.value.param == "prompt" and "65 tokens" in str(info.value)
+        with pytest.raises(ContextLengthExceeded):
+            await eng.embed([[1] * 65])
+        with pytest.raises(InvalidRequest, match="outside the vocabulary") as info:
+            await eng.embed([[1, 70000]])
+        assert info.value.param == "input"
+        with pytest.raises(InvalidRequest) as info:
+            await eng.submit(GenerateRequest([1], n=5))
+        assert info.value.param == "n"
+    run_engine(model, body, max_prompt_tokens=64, max_sessions=4)

@@ -114,10 +114,7 @@ def test_bf16_close_to_fp32(ckpt_dir):
 
 
 def test_forward_input_errors(tiny_model):
-    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 777\)"):
-        tiny_model.forward(torch.tensor([[1, 777]]), None)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        tiny_model.forward(torch.tensor([[-1]]), None)
+    # token id ranges are the engine's to check, once per request (tests/test_engine.py): not per forward
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         tiny_model.forward(torch.tensor([1, 2]), None)
     with pytest.raises(ValueError, match="T >= 1"):

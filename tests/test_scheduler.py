@@ -6,7 +6,7 @@ from engine.scheduler import Phase, Scheduler
 
 
 def make(**kw):
-    args = dict(max_slots=4, max_waiting=8, prefill_chunk=64, step_token_budget=100)
+    args = dict(max_slots=4, prefill_chunk=64, step_token_budget=100)
     args.update(kw)
     return Scheduler(**args)
 
@@ -30,15 +30,17 @@ def test_fifo_admission_by_slots():
     assert s.slots_used == 4
 
 
-def test_overflow_and_duplicates():
-    s = make(max_waiting=3)
+def test_duplicates_and_impossible_groups():
+    """How many may wait is the engine's admission rule (tests/test_engine.py), not the scheduler's."""
+    s = make()
     s.add("a", 5, n=2)
-    assert not s.can_add(2)
-    with pytest.raises(OverflowError):
-        s.add("b", 5, n=2)
+    assert s.is_waiting("a") and not s.is_waiting("b")
     with pytest.raises(ValueError, match="already in use"):
         s.add("a", 5, n=1)
-    assert not make().can_add(5)         # more than all slots can never be admitted
+    with pytest.raises(ValueError, match="never fit"):
+        s.add("b", 5, n=5)               # more than all slots can never be admitted
+    s.admit()
+    assert not s.is_waiting("a")
 
 
 def test_decode_first_then_prefill_under_budget():

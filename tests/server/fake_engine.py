@@ -1,8 +1,9 @@
 """FakeEngine: the public AsyncEngine API with deterministic output, for HTTP contract tests (no model, no thread).
 
-Each sequence repeats SCRIPT's tokens (shifted by the sequence index unless temperature is 0), one token per step;
-it honours max_tokens, stop strings (through the engine's TextStream), stop_token_ids, end-of-text, logprobs,
-prompt logprobs, n, abort and draining, and can be told to refuse (fail_submit) or fail mid-stream (fail_after).
+Each sequence repeats SCRIPT's tokens (shifted by the sequence index unless temperature is 0), one token per step.
+Validation, finish rules (max_tokens, stop strings, stop_token_ids, end-of-text), text deltas and outputs are the
+real engine's (engine/async_engine.py's validate_request, engine/update.py); it adds n, abort and draining, and can be
+told to refuse (fail_submit) or fail mid-stream (fail_after).
 """
 from __future__ import annotations
 
@@ -10,25 +11,24 @@ import asyncio
 import hashlib
 import math
 
-from engine import (EngineConfig, EngineDead, EngineDraining, EngineStats, FinishReason, GenerateRequest,
-                    InvalidRequest, ModelConfig, Overloaded, RequestFailed, RequestOutput, SequenceOutput,
-                    TokenLogprob)
-from engine.text.stop import TextStream
+from engine import (EngineConfig, EngineDead, EngineDraining, EngineStats, GenerateRequest, InvalidRequest,
+                    ModelConfig, Overloaded, RequestFailed, RequestOutput, TokenLogprob)
+from engine.async_engine import check_prompt, validate_request
+from engine.update import Group, abort_output, advance, start_sequences, take_output
 
 SCRIPT = " The quick brown fox jumps over the lazy dog. Élan, naïve café!\n\nUser: more"
 
 
 class FakeStream:
+    """One request: tokens come from the script instead of a model; the finish rules, text deltas and outputs are
+    the real engine's (engine/update.py)."""
+
     def __init__(self, engine: FakeEngine, request: GenerateRequest):
         self.engine, self.request, self.request_id = engine, request, request.request_id
-        p = request.params
-        script = engine.script
-        self.offsets = [0 if p.temperature == 0 else i for i in range(request.n)]
-        self.texts = [TextStream(engine.tokenizer.stream_decoder(), p.stop) for _ in range(request.n)]
-        self.tokens = [[] for _ in range(request.n)]
-        self.finished: list[FinishReason | None] = [None] * request.n
-        self.script = script
-        self.first = True
+        self.group = Group(request=request, sink=None)
+        start_sequences(self.group, engine.tokenizer, engine.vocab_size)
+        self.offsets = [0 if request.params.temperature == 0 else i for i in range(request.n)]
+        self.group.prompt_logprobs = self._prompt_logprobs()
         self.done = False
         self.aborted = False
 
@@ -39,54 +39,36 @@ class FakeStream:
         if self.done:
             raise StopAsyncIteration
         await asyncio.sleep(self.engine.delay)
-        eng, req = self.engine, self.request
+        eng, g = self.engine, self.group
         if self.aborted:
-            return self._end([SequenceOutput(i, "", [], None, FinishReason.ABORT, len(self.tokens[i]))
-                              for i in range(req.n) if self.finished[i] is None])
-        if eng.fail_after is not None and len(self.tokens[0]) >= eng.fail_after:
+            return self._end(abort_output(g))
+        if eng.fail_after is not None and g.seqs and len(g.seqs[0].tokens) >= eng.fail_after:
             self.done = True
             eng.active.pop(self.request_id, None)
             raise RequestFailed(f"request {self.request_id} failed: RuntimeError")
-        outs = [self._step(i) for i in range(req.n) if self.finished[i] is None]
-        out = RequestOutput(req.request_id, outs, len(req.prompt_tokens),
-                            prompt_logprobs=self._prompt_logprobs() if self.first else None)
-        self.first = False
-        if all(f is not None for f in self.finished):
-            return self._end(outs, out)
-        return out
+        if g.params.max_tokens == 0:
+            new = {s.index: [] for s in g.seqs}
+        else:
+            new = {s.index: [self._step(s)] for s in g.seqs if s.finished is None}
+        out = take_output(g, new)
+        return self._end(out) if out.finished else out
 
-    def _end(self, outs, out: RequestOutput | None = None) -> RequestOutput:
+    def _end(self, out: RequestOutput) -> RequestOutput:
         self.done = True
         self.engine.active.pop(self.request_id, None)
-        out = out or RequestOutput(self.request_id, outs, len(self.request.prompt_tokens))
         out.finished = True
         return out
 
-    def _step(self, i: int) -> SequenceOutput:
-        p = self.request.params
-        if p.max_tokens == 0:
-            self.finished[i] = FinishReason.LENGTH
-            return SequenceOutput(i, "", [], [] if p.logprobs is not None else None, FinishReason.LENGTH, 0)
-        k = len(self.tokens[i])
-        eot = self.engine.tokenizer.eot_id
-        tok = eot if self.engine.eot_after == k else self.script[(k + self.offsets[i]) % len(self.script)]
-        self.tokens[i].append(tok)
-        text, finish = "", None
-        if (tok == eot and not p.ignore_eos) or tok in p.stop_token_ids:
-            text, finish = self.texts[i].finish(), FinishReason.STOP
-        else:
-            text, stopped = self.texts[i].push(tok)
-            if stopped:
-                finish = FinishReason.STOP
-            elif k + 1 >= p.max_tokens:
-                text += self.texts[i].finish()
-                finish = FinishReason.STOP if self.texts[i].stopped else FinishReason.LENGTH
-        self.finished[i] = finish
-        lps = [self._logprob(tok, -0.25 - 0.01 * k, p.logprobs)] if p.logprobs is not None else None
-        return SequenceOutput(i, text, [tok], lps, finish, k + 1)
+    def _step(self, s) -> tuple[int, TokenLogprob | None]:
+        p, eng = self.request.params, self.engine
+        k = len(s.tokens)
+        script = eng.script
+        tok = eng.tokenizer.eot_id if eng.eot_after == k else script[(k + self.offsets[s.index]) % len(script)]
+        advance(s, p, tok, eng.tokenizer.eot_id)
+        return tok, (self._logprob(tok, -0.25 - 0.01 * k, p.logprobs) if p.logprobs is not None else None)
 
     def _logprob(self, tok: int, lp: float, k: int) -> TokenLogprob:
-        vocab = self.engine.model_config.vocab_size
+        vocab = self.engine.vocab_size
         top = [(tok, lp)] + [((tok + j) % vocab, lp - j) for j in range(1, k)]
         return TokenLogprob(tok, lp, tuple(top[:k]))
 
@@ -111,6 +93,7 @@ class FakeEngine:
         self.model_config = ModelConfig(n_layer=1, n_embd=n_embd, n_head=1, head_size=n_embd,
                                         vocab_size=tokenizer.vocab_size, dim_ffn=4 * n_embd, decay_lora=8,
                                         iclr_lora=8, value_lora=0, gate_lora=8)
+        self.vocab_size = min(tokenizer.vocab_size, self.model_config.vocab_size)
         self.script = tokenizer.encode(script)
         self.delay = delay
         self.active: dict[str, FakeStream] = {}
@@ -156,11 +139,7 @@ class FakeEngine:
 
     async def submit(self, request: GenerateRequest) -> FakeStream:
         self._admissible()
-        V = self.model_config.vocab_size
-        if any(not 0 <= t < V for t in request.prompt_tokens):
-            raise InvalidRequest(f"token id outside the vocabulary [0, {V})", param="prompt")
-        if request.params.max_tokens > self.config.max_max_tokens:
-            raise InvalidRequest("max_tokens exceeds the limit", param="max_tokens")
+        validate_request(request, self.config, self.vocab_size)
         if sum(s.request.n for s in self.active.values()) + request.n > self.config.max_sessions + \
                 self.config.max_waiting:
             raise Overloaded("too many requests waiting; retry later", retry_after=2.0)
@@ -181,6 +160,8 @@ class FakeEngine:
         self._admissible()
         if not inputs or any(not x for x in inputs):
             raise InvalidRequest("input must not be empty", param="input")
+        for ids in inputs:
+            check_prompt(ids, "input", self.config, self.vocab_size)
         await asyncio.sleep(self.delay)
         return [_vector(ids, pooling, self.model_config.n_embd) for ids in inputs]
 

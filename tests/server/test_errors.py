@@ -2,7 +2,8 @@
 import openai
 import pytest
 
-from engine import EngineDead, Overloaded, RequestFailed
+from engine import EngineConfig, EngineDead, Overloaded, RequestFailed
+from tests.server.fake_engine import FakeEngine
 from tests.server.conftest import MODEL, make_settings, openai_client, serve, sse_events
 
 pytestmark = pytest.mark.anyio
@@ -151,3 +152,42 @@ async def test_unexpected_exceptions_are_opaque_500(client, fake):
     fake.fail_submit = RequestFailed("failed near 0x7f00deadbeef reading /home/me/weights.pth")
     e = _error(await client.post("/v1/completions", json={"prompt": "x"}), 500)
     assert "0x7f00" not in e["message"] and "/home/me" not in e["message"]
+
+
+# Each rule the engine owns, through HTTP: one status, one code, the param it names. (The FakeEngine runs the
+# engine's own validation, engine.async_engine.validate_request.)
+RULES = [  # (route, body, status, code, param)
+    ("/v1/completions", {"prompt": [1] * 257}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * 300}]}, 400,
+     "context_length_exceeded", "messages"),
+    ("/v1/embeddings", {"input": [[1] * 257]}, 400, "context_length_exceeded", "input"),
+    ("/v1/embeddings", {"input": "fox " * 300}, 400, "context_length_exceeded", "input"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "invalid_value", "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 10**6}, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {"prompt": [1, 100000]}, 400, "invalid_value", "prompt"),
+    ("/v1/embeddings", {"input": [[1, 100000]]}, 400, "invalid_value", "input"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"100000": 1}}, 400, "invalid_value", "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [100000]}, 400, "invalid_value", "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "n": 9}, 400, "invalid_value", "n"),
+    ("/v1/chat/completions", {"messages": CHAT, "stop": [str(i) for i in range(15)]}, 400, "invalid_value", "stop"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**53}, 400, "invalid_value", "seed"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,code,param", RULES, ids=lambda v: v if isinstance(v, str) else None)
+async def test_each_engine_rule_has_one_status_and_code(bpe, route, body, status, code, param):
+    fake = FakeEngine(bpe, EngineConfig(max_sessions=8, max_waiting=32, step_token_budget=64, max_prompt_tokens=256))
+    async with serve(fake) as client:
+        error = _error(await client.post(route, json=body), status, param, code)
+    assert error["type"] == "invalid_request_error" and not fake.active
+
+
+async def test_queue_full_is_429_before_tokenizing(client, fake):
+    fake.fail_submit = None
+    streams = [await fake.submit(__import__("engine").GenerateRequest([1], __import__("engine").SamplingParams(
+        max_tokens=64))) for _ in range(fake.config.max_sessions + fake.config.max_waiting)]
+    r = await client.post("/v1/completions", json={"prompt": "x"})
+    _error(r, 429, None, "overloaded")
+    assert int(r.headers["retry-after"]) >= 1
+    for s in streams:
+        await s.aclose()

@@ -101,3 +101,70 @@ def test_load_engine_reads_goose_json(model_dir):
     assert info.name == "tiny-goose" and info.template.user == "Q" and info.template.stop == ("\n\n", "\nQ:")
     assert engine.tokenizer.eot_id == 0 and "goose.json" in info.description
     assert f"decode {engine.model.decode_kernel}" in info.description
+
+
+@pytest.mark.slow
+def test_overload_answers_only_200_and_429(tmp_path, model_dir):
+    """`goose serve --max-sessions 2 --max-waiting 4` under 200 concurrent requests: every answer is 200 or 429
+    (never 5xx), /health stays 200 throughout, and a normal request is served afterwards."""
+    import asyncio
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "goose.cli", "serve", "--model", str(model_dir / "model.safetensors"),
+                             "--tokenizer", str(model_dir / "tokenizer.json"), "--port", str(port),
+                             "--max-sessions", "2", "--max-waiting", "4", "--shutdown-timeout", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+
+    async def load():
+        limits = httpx.Limits(max_connections=260, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+            for _ in range(600):
+                try:
+                    if (await http.get("/ready")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None, "".join(lines)
+                await asyncio.sleep(0.1)
+            health: list[int] = []
+            done = asyncio.Event()
+
+            async def probe():
+                while not done.is_set():
+                    health.append((await http.get("/health")).status_code)
+                    await asyncio.sleep(0.05)
+
+            async def one(i):
+                body = {"prompt": f"request {i}", "max_tokens": 4, "stream": i % 2 == 1}
+                r = await http.post("/v1/completions", json=body)
+                return r.status_code, r.headers.get("retry-after")
+
+            prober = asyncio.ensure_future(probe())
+            answers = await asyncio.gather(*(one(i) for i in range(200)))
+            done.set()
+            await prober
+            after = await http.post("/v1/completions", json={"prompt": "after", "max_tokens": 2})
+            metrics = (await http.get("/metrics")).text
+            return answers, health, after, metrics
+
+    try:
+        answers, health, after, metrics = asyncio.run(load())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    statuses = [s for s, _ in answers]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1
+    assert all(ra is not None and int(ra) >= 1 for s, ra in answers if s == 429)
+    assert health and set(health) == {200}
+    assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "Traceback" not in "".join(lines)
