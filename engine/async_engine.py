@@ -61,6 +61,11 @@ class AsyncEngine:
             await loop.run_in_executor(None, self._thread.join)
 
     @property
+    def fingerprint(self) -> str:
+        """What decides the tokens a seed gives: the model's identity (weights and config) and its strategy."""
+        return f"{self.model.identity}:{self.model.strategy.text}:{self.model.decode_kernel}"
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.core.error is None
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import importlib.metadata
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +22,16 @@ from server.middleware import LOOPBACK_NAMES, BodyLimitMiddleware, HostCheckMidd
 from server.settings import Settings, read_api_keys
 
 log = logging.getLogger("goose.server")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("goose-rwkv")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+VERSION = _version()
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,15 @@ class AppState:
         self.draining = False
         self.load_error: str | None = None
         self._stop: asyncio.Task | None = None
+        self._fingerprint: tuple[object, str] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: the goose version and the engine's model identity and strategy."""
+        if self._fingerprint is None or self._fingerprint[0] is not self.engine:
+            digest = hashlib.sha256(f"{VERSION}|{self.engine.fingerprint}".encode()).hexdigest()
+            self._fingerprint = (self.engine, f"fp_{digest[:16]}")
+        return self._fingerprint[1]
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop admitting (503), let running requests finish up to timeout, abort the rest; idempotent."""
@@ -85,7 +106,7 @@ def create_app(engine, settings: Settings | None = None, info: ModelInfo | None 
             await state.drain()
 
     s = settings.server
-    app = FastAPI(title="Goose", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="Goose", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API for RWKV-7 models", middleware=_middleware(state))
     app.state.goose = state
     errors.install(app)

@@ -24,7 +24,7 @@ def _moved(d: Delta) -> bool:
 
 async def completion_chunks(gen: Generation, include_usage: bool) -> AsyncIterator[CompletionResponse]:
     offsets = [0] * gen.choices          # text_offset: cumulative characters of each choice's text
-    head = {"id": gen.id, "created": gen.created, "model": gen.model}
+    head = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": gen.fingerprint}
     async with contextlib.aclosing(gen.deltas()) as deltas:
         async for batch in deltas:
             for d in batch:
@@ -72,13 +72,14 @@ async def collect_completion(chunks: AsyncIterator[CompletionResponse]) -> Compl
                     for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                         getattr(a.logprobs, name).extend(getattr(c.logprobs, name))
     return CompletionResponse(id=head.id, created=head.created, model=head.model,
+                              system_fingerprint=head.system_fingerprint,
                               choices=[acc[i] for i in sorted(acc)], usage=final_usage)
 
 
 # ------------------------------------------------------------------------------------------------ chat
 
 async def chat_chunks(gen: Generation, include_usage: bool) -> AsyncIterator[ChatChunk]:
-    head = {"id": gen.id, "created": gen.created, "model": gen.model}
+    head = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": gen.fingerprint}
     for i in range(gen.choices):
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     async with contextlib.aclosing(gen.deltas()) as deltas:
@@ -112,4 +113,5 @@ async def collect_chat(chunks: AsyncIterator[ChatChunk]) -> ChatResponse:
     choices = [ChatChoice(index=i, message=ChatMessageOut(content=texts[i]), finish_reason=finish[i],
                           logprobs=ChatLogprobs(content=logprobs[i]) if i in logprobs else None)
                for i in sorted(texts)]
-    return ChatResponse(id=head.id, created=head.created, model=head.model, choices=choices, usage=final_usage)
+    return ChatResponse(id=head.id, created=head.created, model=head.model, choices=choices, usage=final_usage,
+                        system_fingerprint=head.system_fingerprint)

@@ -69,6 +69,10 @@ class Generation:
         return self.ctx.info.name
 
     @property
+    def fingerprint(self) -> str:
+        return self.ctx.fingerprint
+
+    @property
     def choices(self) -> int:
         return len(self.prompts) * self.n
 

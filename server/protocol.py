@@ -198,7 +198,7 @@ class CompletionResponse(Strict):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str
 
 
 class TopLogprob(Strict):
@@ -236,7 +236,7 @@ class ChatResponse(Strict):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
+    system_fingerprint: str
 
 
 class ChatDelta(Strict):
@@ -263,7 +263,7 @@ class ChatChunk(Strict):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str
 
 
 class Embedding(Strict):

@@ -43,7 +43,7 @@ def ready(request: Request):
 async def _respond(request: Request, state, chunks, stream: bool, collect):
     on_gone = state.metrics.client_disconnects.inc
     if stream:
-        return sse.SSEResponse(sse.encode(chunks), on_disconnect=on_gone)
+        return sse.SSEResponse(chunks, on_disconnect=on_gone)
     result = await sse.until_disconnect(request.receive, collect(chunks), on_gone)
     return Response(status_code=CLIENT_CLOSED) if result is None else result
 

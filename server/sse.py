@@ -1,7 +1,8 @@
-"""The only SSE encoder: ``data: {json}\\n\\n`` frames, an in-stream error event, then ``data: [DONE]\\n\\n``.
+"""The only SSE encoder: one ``data: {json}`` event per chunk, an in-stream error event, then ``data: [DONE]``,
+served by sse-starlette (keep-alive pings, disconnect detection, a send timeout).
 
-SSEResponse watches for the client's disconnect while it streams; on disconnect (or a failed send) it cancels the
-producer and closes the frame generator, whose ``finally`` blocks abort the request in the engine.
+On a disconnect (or a send that never completes) the chunk generator is closed, and its ``finally`` blocks abort the
+request in the engine.
 """
 from __future__ import annotations
 
@@ -12,87 +13,66 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
-from starlette.responses import Response
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 
 from server.errors import INTERNAL, spec_for, stream_error_event
 
 log = logging.getLogger("goose.server")
-DONE = b"data: [DONE]\n\n"
+DONE = "[DONE]"
 SEND_TIMEOUT = 60.0     # a client that reads nothing for this long is treated as gone (frozen, not closed)
+PING_INTERVAL = 15.0    # a comment line this often keeps idle proxies (nginx: 60 s) from closing a slow stream
 
 
-def frame(data: BaseModel | dict) -> bytes:
-    text = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data, ensure_ascii=False,
-                                                                                   separators=(",", ":"))
-    return b"data: " + text.encode("utf-8") + b"\n\n"
+def payload(data: BaseModel | dict) -> str:
+    """One event's data: compact JSON on one line."""
+    return data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data, ensure_ascii=False,
+                                                                                  separators=(",", ":"))
 
 
-async def encode(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
-    """Frames of chunks; a failure after the stream started becomes an error event; always ends with [DONE]."""
+async def encode(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Event payloads of chunks; a failure after the stream started becomes an error event; always ends with
+    [DONE]."""
     async with contextlib.aclosing(chunks):
         try:
             async for chunk in chunks:
-                yield frame(chunk)
+                yield payload(chunk)
         except Exception as exc:      # CancelledError is a BaseException and passes: the client is gone
             if spec_for(exc) is INTERNAL:
                 log.error("stream failed: %s", type(exc).__name__, exc_info=exc)
-            yield frame(stream_error_event(exc))
+            yield payload(stream_error_event(exc))
     yield DONE
 
 
-class SSEResponse(Response):
-    """A text/event-stream response over an async iterator of frames, cancelled when the client disconnects."""
+class SSEResponse(EventSourceResponse):
+    """A text/event-stream response (sse-starlette) over an async iterator of chunks: keep-alive comments every
+    PING_INTERVAL s for proxies, the client's disconnect watched, a send blocked for SEND_TIMEOUT s (a client that
+    stopped reading) treated as gone. Either way the chunk generator is closed, and its ``finally`` blocks abort the
+    request in the engine."""
 
-    media_type = "text/event-stream"
+    def __init__(self, chunks: AsyncIterator[BaseModel | dict], *, on_disconnect: Callable[[], None] | None = None):
+        super().__init__(encode(chunks), ping=PING_INTERVAL, sep="\n", send_timeout=SEND_TIMEOUT,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                         client_close_handler_callable=self._client_closed)
+        self.media_type = "text/event-stream"
+        self._on_disconnect = on_disconnect
+        self._gone = False
 
-    def __init__(self, frames: AsyncIterator[bytes], *, on_disconnect: Callable[[], None] | None = None):
-        super().__init__(content=None, status_code=200, headers={
-            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, media_type="text/event-stream; charset=utf-8")
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self.frames = frames
-        self.on_disconnect = on_disconnect
+    async def _client_closed(self, message) -> None:
+        self._mark_gone()
+
+    def _mark_gone(self) -> None:
+        if not self._gone and self._on_disconnect is not None:
+            self._on_disconnect()
+        self._gone = True
 
     async def __call__(self, scope, receive, send) -> None:
-        self._sending_since = None
-        sender = asyncio.ensure_future(self._send_all(send))
-        watchers = {asyncio.ensure_future(_wait_disconnect(receive)), asyncio.ensure_future(self._watch_stall())}
         try:
-            await asyncio.wait({sender, *watchers}, return_when=asyncio.FIRST_COMPLETED)
-            gone = not sender.done()
-            if gone:
-                sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                gone |= await sender is False
+            await super().__call__(scope, receive, send)
+        except (SendTimeoutError, OSError):         # a frozen client, or one whose socket closed mid-send
+            self._mark_gone()
         finally:
-            for task in (sender, *watchers):
-                task.cancel()
-            await asyncio.gather(sender, *watchers, return_exceptions=True)
-            await self.frames.aclose()
-        if gone and self.on_disconnect is not None:
-            self.on_disconnect()
-
-    async def _send_all(self, send) -> bool:
-        """True when every frame was sent, False when the client went away."""
-        loop = asyncio.get_running_loop()
-        try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for data in self.frames:
-                self._sending_since = loop.time()
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-                self._sending_since = None
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:               # ASGI 2.4 servers raise on send to a closed connection
-            return False
-        return True
-
-    async def _watch_stall(self) -> None:
-        """Returns when one send has been blocked for SEND_TIMEOUT (the client stopped reading)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(SEND_TIMEOUT / 4)
-            since = self._sending_since
-            if since is not None and loop.time() - since > SEND_TIMEOUT:
-                return
+            await self.body_iterator.aclose()
 
 
 async def _wait_disconnect(receive) -> None:

@@ -1,5 +1,7 @@
 """The `goose` command line."""
 import subprocess
+
+import pytest
 import sys
 
 from goose.cli import main
@@ -9,6 +11,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "goose.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
@@ -16,6 +19,7 @@ def test_help_lists_commands():
         assert command in out.stdout
 
 
+@pytest.mark.slow
 def test_unknown_command_fails():
     out = run("frobnicate")
     assert out.returncode == 2 and "invalid choice" in out.stderr

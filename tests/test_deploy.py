@@ -757,6 +757,7 @@ def _get(url: str, headers: dict | None = None) -> int:
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "goose.json").is_file(), reason="models/rwkv7-austen is not in this checkout")
+@pytest.mark.slow
 def test_image_environment_serves_and_probes_pass(tmp_path):
     """`goose serve` with the runtime stage's ENV (its /app paths mapped to the repository, as the image lays them
     out), an API key and a free port: the HEALTHCHECK and readiness probe script pass, a wrong key fails readiness
@@ -833,10 +834,32 @@ def test_config_yaml_keys_documented_and_accepted():
     assert len(in_readme) == len(set(in_readme))
 
 
-def test_readme_sections_in_place():
-    """Docker, Kubernetes and Configuration follow the quick start; the anchors the README links to exist."""
-    heads = re.findall(r"^## (.+)$", readme_text(), re.MULTILINE)
-    i = heads.index("Quick start")
-    assert heads[i + 1:i + 4] == ["Docker", "Kubernetes", "Configuration"]
-    for path in re.findall(r"`((?:docker|tests)/[\w./-]+\.(?:py|yaml|yml))`", readme_text()):
-        assert (ROOT / path).is_file(), f"README.md names {path}, which does not exist"
+def test_readme_facts():
+    """What the README documents exists and works: every `goose` command in its shell blocks is a subcommand (each
+    `goose bench` a benchmark) whose options that command accepts, every repository path it names exists, and
+    every in-page link points at a heading."""
+    import shlex
+
+    from goose.cli import BENCHMARKS, SUBCOMMANDS
+    from server.serve import build_parser as serve_parser
+    text = readme_text()
+    shown = [part for block in bash_blocks(text) for line in block.replace("\\\n", " ").splitlines()
+             for part in re.split(r"&&|\|\||;|\|", line.split(" #")[0])]
+    shown += re.findall(r"`(goose [^`]+)`", text)
+    commands = [shlex.split(part) for part in shown if part.strip().startswith("goose ")]
+    assert commands, "the README shows no goose command"
+    for argv in commands:
+        sub = argv[1]
+        assert sub in SUBCOMMANDS or sub == "bench", f"README shows `{shlex.join(argv)}`: no such subcommand"
+        if sub == "bench":
+            assert argv[2] in BENCHMARKS, f"README shows `{shlex.join(argv)}`: no such benchmark"
+        if sub == "serve":
+            _, unknown = serve_parser().parse_known_args(argv[2:])
+            assert not unknown, f"README shows `{shlex.join(argv)}`: goose serve does not accept {unknown}"
+    roots = "engine|server|kernels|docker|tests|bench|training|goose|models|docs"
+    for path in re.findall(rf"`((?:{roots})/[\w./-]+\.(?:py|yaml|yml|json|md|cpp|png))`", text):
+        assert (ROOT / path).exists(), f"README.md names {path}, which does not exist"
+    slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    for anchor in re.findall(r"\]\(#([\w-]+)\)", text):
+        assert anchor in slugs, f"README.md links to #{anchor}, which is no heading"
+

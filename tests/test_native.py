@@ -165,6 +165,7 @@ def test_reference_backend_cannot_require_native(tiny_pth, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ the build
 @needs_native
+@pytest.mark.slow
 def test_build_is_cached_and_shared_between_processes(fresh_native):
     lib = native.load()
     assert lib.path.parent == fresh_native and lib.path.name.startswith("rwkv7_cpu-")

@@ -165,6 +165,7 @@ def test_train_model_state_dict_is_blinkdl_layout():
     assert config_from_state_dict(sd).to_dict() == {**cfg.to_dict()}
 
 
+@pytest.mark.slow
 def test_train_model_matches_rwkv_pip(tmp_path):
     """The official rwkv package (0.8.32) computes the same logits from the BlinkDL-named weights."""
     pytest.importorskip("rwkv")

@@ -15,7 +15,7 @@ from engine.errors import ModelLoadError
 from engine.model.linear import select_linear
 from engine.model.state import RNNState
 from engine.model.strategy import Strategy, parse_strategy, prepare_device
-from engine.formats.checkpoint import load_weights
+from engine.formats.checkpoint import load_weights, weights_identity
 
 LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCALE * sigmoid(z), in [-0.607, 0)
 LN_EPS = 1e-5
@@ -74,6 +74,8 @@ class RWKV7:
         self.config = config
         self.strategy = strategy
         self.name = name
+        self.identity = weights_identity(sd, config)
+        """A hash of the weights and the config: states and outputs are only ever shared between equal models."""
         self.device, self.dtype = strategy.device, strategy.dtype
         self._wkv_seq = kernels.get_wkv7(wkv_backend)
         self._wkv_step_ = kernels.get_wkv7("step_") if wkv_backend != "reference" else None

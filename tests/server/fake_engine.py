@@ -104,6 +104,7 @@ class FakeEngine:
         self.eot_after: int | None = None
         self.started = False
         self.dead = False
+        self.fingerprint = "fake-model:cpu fp32"
         self._draining = False
 
     def start(self) -> None:

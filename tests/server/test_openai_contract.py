@@ -204,3 +204,20 @@ async def test_world_tokenizer_eos_is_one_id():
         r = await c.post("/v1/completions", json={"prompt": [[0, 33, 34]], "max_tokens": 1, "echo": True,
                                                   "logprobs": 1})
         assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["token_logprobs"][0] is None
+
+
+async def test_every_response_and_chunk_carries_a_system_fingerprint(client):
+    """OpenAI types system_fingerprint as a string: on whole responses and on every stream chunk, one value for
+    one model and server version. (Not strict: the SDK's Completion type refuses the null finish_reason of
+    mid-stream completion chunks.)"""
+    oai = openai_client(client, strict=False)
+    seen = set()
+    chat = await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    comp = await oai.completions.create(model=MODEL, prompt="Hi", max_tokens=3)
+    seen |= {chat.system_fingerprint, comp.system_fingerprint}
+    stream = await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, stream=True, stream_options={"include_usage": True})
+    seen |= {chunk.system_fingerprint async for chunk in stream}
+    stream = await oai.completions.create(model=MODEL, prompt="Hi", max_tokens=3, stream=True)
+    seen |= {chunk.system_fingerprint async for chunk in stream}
+    assert len(seen) == 1 and all(isinstance(f, str) and f.startswith("fp_") for f in seen)

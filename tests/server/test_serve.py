@@ -34,6 +34,7 @@ def model_dir(tmp_path, bpe_path):
     return d
 
 
+@pytest.mark.slow
 def test_goose_serve_subprocess(tmp_path, model_dir):
     port = _free_port()
     cfg = tmp_path / "serve.yaml"
