@@ -5,7 +5,9 @@ import json
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +22,45 @@ _VECTOR_KEYS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k
 
 
 # ----------------------------------------------------------------------------------------------- reading
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class RawCheckpoint(NamedTuple):
+    """A checkpoint opened lazily, in its own names: what it holds (meta tensors) and one tensor at a time."""
+    kind: str                                       # "pth" | "safetensors" | "hf" | "gguf"
+    meta: dict[str, torch.Tensor]                   # stored key -> tensor on the meta device (shape, dtype)
+    get: Callable[[str], torch.Tensor]
+    gguf: object = None                             # the GGUFCheckpoint of a .gguf (BlinkDL names already)
+
+
+def open_checkpoint(path: str | Path) -> RawCheckpoint:
+    """The one place a checkpoint's format is recognised (.pth/.pt, .safetensors, .gguf, an HF directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return RawCheckpoint("hf", *_open_safetensors(_hf_shards(path)))
+    if path.suffix in (".pth", ".pt"):
+        sd = _read_pth(path)
+        for key, value in sd.items():
+            if not isinstance(value, torch.Tensor):
+                raise ModelLoadError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        return RawCheckpoint("pth", {k: _meta(v.shape, v.dtype) for k, v in sd.items()}, sd.__getitem__)
+    if path.suffix == ".safetensors":
+        return RawCheckpoint("safetensors", *_open_safetensors([path]))
+    if path.suffix == ".gguf":
+        from engine.formats.gguf import GGUFCheckpoint
+        ck = GGUFCheckpoint(path)
+        return RawCheckpoint("gguf", dict(ck.meta), ck.get, ck)
+    raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; supported: {SUPPORTED}")
+
+
+def _meta(shape, dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
 def _read_pth(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -49,17 +90,28 @@ def _read_pth_legacy(path: Path) -> dict:
                              f"{_first_line(exc)}") from None
 
 
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read this safetensors file (truncated or corrupt?): "
-                             f"{_first_line(exc)}") from None
+def _open_safetensors(files: list[Path]) -> tuple[dict, Callable[[str], torch.Tensor]]:
+    """Shapes and dtypes from the headers; tensors memory-mapped one at a time."""
+    from safetensors import SafetensorError, safe_open
+    meta, where = {}, {}
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if key in meta:
+                    raise ModelLoadError(f"{f}: tensor {key!r} also appears in another shard")
+                sl = handle.get_slice(key)
+                meta[key] = _meta(sl.get_shape(), ST_DTYPES.get(sl.get_dtype(), torch.uint8))
+                where[key] = handle
+        except (SafetensorError, OSError, ValueError) as exc:
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{f}: cannot read this safetensors file (truncated or corrupt?): "
+                                 f"{_first_line(exc)}") from None
+    return meta, lambda key: where[key].get_tensor(key)
 
 
-def _read_hf_dir(path: Path) -> dict:
+def _hf_shards(path: Path) -> list[Path]:
     config_path = path / "config.json"
     if config_path.exists():
         try:
@@ -75,14 +127,7 @@ def _read_hf_dir(path: Path) -> dict:
             raise ModelLoadError(f"{path}: found no .safetensors files; pass the .pth file itself, "
                                  f"or convert .bin weights to safetensors")
         raise ModelLoadError(f"{path}: no *.safetensors weights in this directory; supported: {SUPPORTED}")
-    sd: dict = {}
-    for shard in shards:
-        part = _read_safetensors(shard)
-        clash = sorted(set(part) & set(sd))
-        if clash:
-            raise ModelLoadError(f"{shard}: tensor {clash[0]!r} also appears in another shard")
-        sd.update(part)
-    return sd
+    return shards
 
 
 def _first_line(exc: BaseException) -> str:
@@ -92,25 +137,10 @@ def _first_line(exc: BaseException) -> str:
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read any supported file or directory into a dict of tensors in BlinkDL naming and shapes."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file or directory")
-    if path.is_dir():
-        raw = _read_hf_dir(path)
-    elif path.suffix == ".pth" or path.suffix == ".pt":
-        raw = _read_pth(path)
-    elif path.suffix == ".safetensors":
-        raw = _read_safetensors(path)
-    elif path.suffix == ".gguf":
-        from engine.formats.gguf import read_gguf
-        raw = read_gguf(path)
-    else:
-        raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; supported: {SUPPORTED}")
-    for key, value in raw.items():
-        if not isinstance(value, torch.Tensor):
-            raise ModelLoadError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    check_variant(raw, path)
-    return to_blinkdl_names(raw, path)
+    raw = open_checkpoint(path)
+    sd = {key: raw.get(key) for key in raw.meta}
+    check_variant(sd, path)
+    return to_blinkdl_names(sd, path)
 
 
 # ----------------------------------------------------------------------------------------------- variants

@@ -34,9 +34,10 @@ from engine.formats.hf import (
     write_tokenizer_files,
 )
 from engine.formats.checkpoint import (
-    _read_pth,
+    ST_DTYPES,
     check_variant,
     infer_config,
+    open_checkpoint,
     to_blinkdl_names,
     validate,
 )
@@ -44,10 +45,7 @@ from engine.formats.checkpoint import (
 FORMATS = ("pth", "safetensors", "hf", "gguf", "tokenizer")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROGRESS_MIN_BYTES = 64 << 20          # show a progress bar for outputs larger than this
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -56,68 +54,20 @@ class Source:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._gguf = None
-        if not self.path.exists():
-            raise ModelLoadError(f"{self.path}: no such file or directory")
-        if self.path.suffix == ".gguf" and self.path.is_file():
-            from engine.formats.gguf import GGUFCheckpoint
-            self._gguf = GGUFCheckpoint(self.path)
-            self.kind = "gguf"
-            meta = dict(self._gguf.meta)
-            self._index = {k: k for k in meta}
-        else:
-            raw_meta, self._raw_get, self.kind = self._open_raw()
-            check_variant(raw_meta, self.path)
-            if "emb.weight" in raw_meta:
-                meta, self._index = dict(raw_meta), {k: k for k in raw_meta}
-            else:                                    # fla-hub names: map each key on its own (shapes only)
-                meta, self._index = {}, {}
-                for key, t in raw_meta.items():
-                    for blink, mt in to_blinkdl_names({key: t}, self.path).items():
-                        meta[blink], self._index[blink] = mt, key
+        raw = open_checkpoint(self.path)
+        self.kind, self._gguf, self._raw_get = raw.kind, raw.gguf, raw.get
+        check_variant(raw.meta, self.path)
+        if "emb.weight" in raw.meta:
+            meta, self._index = dict(raw.meta), {k: k for k in raw.meta}
+        else:                                        # fla-hub names: map each key on its own (shapes only)
+            meta, self._index = {}, {}
+            for key, t in raw.meta.items():
+                for blink, mt in to_blinkdl_names({key: t}, self.path).items():
+                    meta[blink], self._index[blink] = mt, key
         self.config = infer_config(meta, self.path)
         canon = validate(meta, self.config, self.path)
         self.meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in canon.items()}
         self.names = list(canon)
-
-    def _open_raw(self):
-        p = self.path
-        if p.is_dir():
-            shards = sorted(p.glob("*.safetensors"))
-            if not shards:
-                raise ModelLoadError(f"{p}: no *.safetensors weights in this directory")
-            return (*self._open_safetensors(shards), "hf")
-        if p.suffix in (".pth", ".pt"):
-            sd = _read_pth(p)
-            for key, value in sd.items():
-                if not isinstance(value, torch.Tensor):
-                    raise ModelLoadError(f"{p}: entry {key!r} is a {type(value).__name__}, not a tensor")
-            meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
-            return meta, sd.__getitem__, "pth"
-        if p.suffix == ".safetensors":
-            return (*self._open_safetensors([p]), "safetensors")
-        raise ModelLoadError(f"{p}: unknown checkpoint type {p.suffix!r}; expected .pth, .safetensors, .gguf or "
-                             f"a Hugging Face directory")
-
-    def _open_safetensors(self, files: list[Path]):
-        from safetensors import SafetensorError, safe_open
-        meta, where = {}, {}
-        for f in files:
-            try:
-                handle = safe_open(str(f), framework="pt", device="cpu")
-                for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    sl = handle.get_slice(key)
-                    if key in meta:
-                        raise ModelLoadError(f"{f}: tensor {key!r} also appears in another shard")
-                    meta[key] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES.get(sl.get_dtype(), torch.uint8),
-                                            device="meta")
-                    where[key] = handle
-            except (SafetensorError, OSError, ValueError) as exc:
-                if isinstance(exc, ModelLoadError):
-                    raise
-                raise ModelLoadError(f"{f}: cannot read this safetensors file (truncated or corrupt?): "
-                                     f"{str(exc).splitlines()[0][:300]}") from None
-        return meta, lambda key: where[key].get_tensor(key)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor in BlinkDL naming and canonical shape, in its stored dtype."""
