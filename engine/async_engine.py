@@ -128,10 +128,10 @@ class AsyncEngine:
     # ------------------------------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
         core, c = self.core, self.core.counters
-        running, waiting, used = core.published
+        running, _, used = core.published
         cache = core.cache
         return EngineStats(
-            running=running, waiting=max(waiting, core.waiting), slots_total=core.pool.size, slots_used=used,
+            running=running, waiting=core.waiting, slots_total=core.pool.size, slots_used=used,
             state_bytes_per_slot=core.pool.bytes_per_row, state_bytes_total=core.pool.nbytes,
             prefix_cache_hits=cache.hits, prefix_cache_misses=cache.misses,
             prefix_cache_tokens_saved=cache.tokens_saved, prefix_cache_bytes=cache.bytes,

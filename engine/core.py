@@ -95,9 +95,11 @@ class EngineCore:
         return self._waiting
 
     def _admitted(self, group: Group) -> None:
-        """The group left the waiting count (it got slots, or it ended before getting them)."""
-        with self.lock:
-            self._waiting -= group.request.n
+        """The group left the waiting count (it got slots, or it ended before getting them); once."""
+        if group.waiting:
+            group.waiting = False
+            with self.lock:
+                self._waiting -= group.request.n
 
     def _forget(self, group_id: str) -> None:
         with self.lock:
@@ -277,8 +279,7 @@ class EngineCore:
 
     def _drop(self, g: Group) -> None:
         """Give back everything a group holds: its rows, its scheduler entry, its waiting count, its id."""
-        if self.scheduler.is_waiting(g.id):
-            self._admitted(g)
+        self._admitted(g)
         self.runner.free(g)
         self.scheduler.remove(g.id)
         self._forget(g.id)

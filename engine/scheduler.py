@@ -64,10 +64,6 @@ class Scheduler:
         return sum(g.live if g.phase is Phase.DECODE else g.n
                    for g in self.groups.values() if g.phase is not Phase.WAITING)
 
-    def is_waiting(self, group_id: str) -> bool:
-        g = self.groups.get(group_id)
-        return g is not None and g.phase is Phase.WAITING
-
     def add(self, group_id: str, prompt_len: int, n: int) -> None:
         """Queue a group. How many may wait is the engine's admission rule (engine/core.py), not the scheduler's;
         a group needing more than all slots could never run and is refused here."""

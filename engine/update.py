@@ -34,6 +34,7 @@ class Group:
     cached: int = 0                     # prompt tokens resumed from the prefix cache
     prompt_logprobs: list | None = None
     sent_prompt: bool = False
+    waiting: bool = True                # counted against max_waiting (until it gets slots or ends)
 
     @property
     def id(self) -> str:

@@ -34,13 +34,13 @@ def test_duplicates_and_impossible_groups():
     """How many may wait is the engine's admission rule (tests/test_engine.py), not the scheduler's."""
     s = make()
     s.add("a", 5, n=2)
-    assert s.is_waiting("a") and not s.is_waiting("b")
+    assert s.waiting_seqs == 2
     with pytest.raises(ValueError, match="already in use"):
         s.add("a", 5, n=1)
     with pytest.raises(ValueError, match="never fit"):
         s.add("b", 5, n=5)               # more than all slots can never be admitted
     s.admit()
-    assert not s.is_waiting("a")
+    assert s.waiting_seqs == 0 and s.groups["a"].phase is Phase.PREFILL
 
 
 def test_decode_first_then_prefill_under_budget():
