@@ -360,3 +360,19 @@ def walk_from(compiler, compiled, prefix, seeds, filler, max_steps=300):
             pytest.fail("the call grammar did not end")
         out.append(tok.decode(ids))
     return out
+
+
+def test_sparse_and_dense_mask_paths_agree(world_compiler, filler):
+    import engine.structured.masks as masks
+    few = world_compiler.compile(Regex("[0-9]{2}")).matcher()           # a handful of tokens: sparse
+    many = world_compiler.compile(Regex("(.|\\n)*")).matcher()          # nearly everything: dense
+    for matchers in ([few, None, few.clone()], [many, few, None], [None, many]):
+        batch = filler.fill(matchers)
+        logits = torch.randn(len(matchers), world_compiler.vocab_size + 32)
+        a, b = logits.clone(), logits.clone()
+        masks._apply_sparse(a, batch)
+        masks._apply_dense(b, batch)
+        assert torch.equal(a, b)
+        for r, m in enumerate(matchers):
+            finite = (a[r] > NEG_INF).nonzero().flatten().tolist()
+            assert finite == (m.allowed_token_ids() if m else list(range(logits.shape[1])))
