@@ -11,7 +11,9 @@ The map (each job has one place):
                    request.py        GenerateRequest, SamplingParams, outputs; config.py; errors.py
     model/         the RWKV-7 forward, matrix products, RNNState, strategies, CPU thread/allocator knobs
     formats/       the one checkpoint reader (.pth, safetensors, HF, GGUF) and `goose convert`
-    text/          tokenizers, the chat template, stop strings over streamed text
+    text/          tokenizers, the chat template (tools too), stop strings, tool-call parsing
+    structured/    constrained decoding (llguidance): grammars from JSON schemas, regexes, choices, Lark, tool calls;
+                   per-sequence matchers and the batched token masks
 
 The public API is what this module exports.
 """
@@ -26,10 +28,18 @@ from engine.request import (MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_LEN, SEED_MA
                             TokenLogprob)
 from engine.streams import RequestStream
 from engine.text import ChatTemplate, load_tokenizer, render_chat
+from engine.structured import (Choice, CompiledGrammar, Constraint, Grammar, GrammarCompiler, GrammarLimits, JsonObject,
+                               JsonSchema, MaskBatch, MaskFiller, Matcher, Regex, ToolCalls, apply_mask)
+from engine.text import (ArgumentsDelta, CallStart, ContentDelta, ParsedReply, ToolCall, ToolCallStream, ToolFormat,
+                         ToolFunction, parse_tool_calls)
 
 __all__ = ["EngineConfig", "ModelConfig", "AsyncEngine", "RequestStream", "ContextLengthExceeded", "EngineDead",
            "EngineDraining", "EngineError", "InvalidRequest", "ModelLoadError", "Overloaded", "RequestFailed",
            "RWKV7", "load_model", "EngineStats", "FinishReason", "GenerateRequest", "RequestOutput",
            "SamplingParams", "SequenceOutput", "TokenLogprob", "RNNState", "Strategy", "parse_strategy",
            "load_tokenizer", "ChatTemplate", "render_chat", "MAX_LOGPROBS", "MAX_N", "MAX_STOP", "MAX_STOP_LEN",
-           "SEED_MIN", "SEED_MAX", "tune_malloc", "call_in_new_thread", "acall_in_new_thread"]
+           "SEED_MIN", "SEED_MAX", "tune_malloc", "call_in_new_thread", "acall_in_new_thread",
+           "Choice", "CompiledGrammar", "Constraint", "Grammar", "GrammarCompiler", "GrammarLimits", "JsonObject",
+           "JsonSchema", "MaskBatch", "MaskFiller", "Matcher", "Regex", "ToolCalls", "apply_mask",
+           "ArgumentsDelta", "CallStart", "ContentDelta", "ParsedReply", "ToolCall", "ToolCallStream", "ToolFormat",
+           "ToolFunction", "parse_tool_calls"]

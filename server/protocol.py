@@ -58,6 +58,30 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(OpenAIRequest):
+    """response_format.json_schema; strict is accepted (constrained output is always exact)."""
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIRequest):
+    """{"type": "text" | "json_object" | "json_schema"}; llama.cpp's {"type": "json_object", "schema": {...}} too."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIRequest):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar (Lark or GBNF),
+    json_object."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(OpenAIRequest):
     """Fields shared by /v1/completions and /v1/chat/completions; defaults are resolved in generation.py."""
     model: str | None = None
@@ -81,6 +105,9 @@ class SamplingFields(OpenAIRequest):
     """RWKV penalty decay: occurrence counts are multiplied by this after every token."""
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
+    # structured outputs (server/structured.py turns them into an engine constraint)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -97,14 +124,53 @@ class TextPart(OpenAIRequest):
     text: str
 
 
+class CalledFunction(OpenAIRequest):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """JSON text, as OpenAI sends it (an object is accepted too)."""
+
+
+class AssistantToolCall(OpenAIRequest):
+    """A call an earlier assistant message made (messages[i].tool_calls[j])."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(OpenAIRequest):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    """Assistant messages: the calls it made."""
+    tool_call_id: str | None = None
+    """Tool messages: the call this result answers."""
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text"]
+MAX_TOOLS = 128
+
+
+class FunctionDefinition(OpenAIRequest):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments (an object); none means no arguments."""
+    strict: bool | None = None
+    """Accepted; constrained calls always match their parameters."""
+
+
+class Tool(OpenAIRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIRequest):
+    name: str
+
+
+class NamedToolChoice(OpenAIRequest):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(SamplingFields):
@@ -112,9 +178,11 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: NonNegInt | None = None
     logprobs: bool = False
     top_logprobs: LogprobCount | None = None
-    response_format: ResponseFormat | None = None
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
-    """Tool calling is not supported; an empty list is accepted."""
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Default: "auto" when tools are given."""
+    parallel_tool_calls: bool | None = None
+    """Default true: a reply may make several calls."""
 
 
 class EmbeddingRequest(OpenAIRequest):
@@ -180,7 +248,7 @@ class CompletionLogprobs(Strict):
     text_offset: list[int]
 
 
-FinishReasonOut = Literal["stop", "length"]
+FinishReasonOut = Literal["stop", "length", "tool_calls"]
 
 
 class CompletionChoice(Strict):
@@ -216,10 +284,31 @@ class ChatLogprobs(Strict):
     refusal: None = None
 
 
+class FunctionCallOut(Strict):
+    name: str
+    arguments: str
+    """JSON text."""
+
+
+class ToolCallOut(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(Strict):
+    """content is null when the reply only calls tools; tool_calls is left out when there are none."""
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler):
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(Strict):
@@ -239,10 +328,31 @@ class ChatResponse(Strict):
     system_fingerprint: str
 
 
+class _NoNulls(Strict):
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_NoNulls):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_NoNulls):
+    """A streamed call: the first delta of call ``index`` has id, type and function.name (arguments ""), later
+    ones function.arguments fragments only."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta | None = None
+
+
 class ChatDelta(Strict):
     """Serialised without null fields: the role appears in the first delta of a choice only."""
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler):

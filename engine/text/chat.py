@@ -6,13 +6,15 @@ text is stripped: "\\n\\n" then only ever ends a turn, and stopping on "\\n\\n" 
 """
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequest
+from engine.text.tools import ToolFormat, ToolFunction
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}     # newer OpenAI clients send "developer" for system instructions
 _BLANK_LINES = re.compile(r"\n{2,}")
 
@@ -31,10 +33,13 @@ class ChatTemplate:
     """Stop strings added to every chat request: the reply ends where the model starts a new turn."""
     bos: bool = True
     """Start the prompt with the end-of-text id, as documents are separated by it in training."""
+    tools: ToolFormat = ToolFormat()
+    """How tools, calls and results appear in the prompt; goose.json's "tools" object (see engine/text/tools.py)."""
 
     @classmethod
     def from_metadata(cls, meta: Mapping | None) -> ChatTemplate:
-        """The template described by a goose.json dict ({"chat": {...}, "stop": [...]}); defaults where absent."""
+        """The template described by a goose.json dict ({"chat": {...}, "stop": [...], "tools": {...}});
+        defaults where absent."""
         if not meta:
             return cls()
         chat = meta.get("chat") or {}
@@ -50,10 +55,12 @@ class ChatTemplate:
         stop = meta.get("stop", cls.stop)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError("goose.json: 'stop' must be a list of non-empty strings")
-        return cls(**chat, stop=tuple(stop))
+        tools = ToolFormat.from_metadata(meta.get("tools"), chat.get("separator", cls.separator))
+        return cls(**chat, stop=tuple(stop), tools=tools)
 
     def role_name(self, role: str) -> str:
-        return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
+        return {"system": self.system, "user": self.user, "assistant": self.assistant,
+                "tool": self.tools.role}[role]
 
 
 def clean_message(text: str) -> str:
@@ -80,22 +87,68 @@ def message_text(content, index: int) -> str:
                          param=f"messages[{index}].content")
 
 
-def render_chat(messages: Iterable[Mapping], template: ChatTemplate = ChatTemplate()) -> str:
+def render_chat(messages: Iterable[Mapping], template: ChatTemplate = ChatTemplate(),
+                tools: Sequence[ToolFunction] = ()) -> str:
     """Prompt text for a conversation: "System: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\n" + "Assistant:".
 
-    messages are mappings with "role" (system, developer, user or assistant) and "content" (see message_text).
+    messages are mappings with "role" (system, developer, user, assistant or tool) and "content" (see
+    message_text); assistant messages may hold OpenAI "tool_calls", tool messages a "tool_call_id" naming an
+    earlier call. ``tools`` are offered to the model in the system turn, in the template's tool format.
     """
     out = []
+    calls: dict[str, str] = {}           # tool call id -> function name, for the results that follow
+    tool_block = template.tools.system_text(tools) if tools else ""
     count = 0
     for i, msg in enumerate(messages):
         count += 1
         role = msg.get("role")
         role = ROLE_ALIASES.get(role, role)
         if role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of system, developer, user, assistant; "
+            raise InvalidRequest(f"messages[{i}].role must be one of system, developer, user, assistant, tool; "
                                  f"got {str(role)[:40]!r}", param=f"messages[{i}].role")
         text = clean_message(message_text(msg.get("content"), i))
+        if role == "system" and i == 0 and tool_block:
+            text, tool_block = f"{text}\n{tool_block}" if text else tool_block, ""
+        elif role == "assistant" and msg.get("tool_calls"):
+            text = _with_calls(text, msg["tool_calls"], i, template.tools, calls)
+        elif role == "tool":
+            text = template.tools.result_text(text, _called(msg.get("tool_call_id"), i, calls))
         out.append(f"{template.role_name(role)}: {text}{template.separator}")
     if not count:
         raise InvalidRequest("messages must not be empty", param="messages")
+    if tool_block:
+        out.insert(0, f"{template.system}: {tool_block}{template.separator}")
     return "".join(out) + template.generation_prompt
+
+
+def _with_calls(text: str, tool_calls, index: int, fmt: ToolFormat, calls: dict[str, str]) -> str:
+    """An assistant message's text followed by its calls, each as the model would have written it."""
+    if not isinstance(tool_calls, (list, tuple)):
+        raise InvalidRequest(f"messages[{index}].tool_calls must be a list", param=f"messages[{index}].tool_calls")
+    rendered = []
+    for j, call in enumerate(tool_calls):
+        where = f"messages[{index}].tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                pass                      # kept as the string the model wrote
+        rendered.append((name, arguments))
+        if isinstance(call.get("id"), str):
+            calls[call["id"]] = name
+    block = fmt.render_calls(rendered)
+    return f"{text}\n{block}" if text else block
+
+
+def _called(call_id, index: int, calls: dict[str, str]) -> str:
+    """The function name of the earlier call a tool message answers."""
+    if not isinstance(call_id, str) or call_id not in calls:
+        shown = "is missing" if call_id is None else f"{str(call_id)[:60]!r} does not match any earlier tool call"
+        raise InvalidRequest(f"messages[{index}].tool_call_id {shown}; a tool message answers a call that an "
+                             f"earlier assistant message made", param=f"messages[{index}].tool_call_id")
+    return calls[call_id]

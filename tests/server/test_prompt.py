@@ -28,7 +28,8 @@ def test_content_parts_and_developer_role():
 
 @pytest.mark.parametrize("messages,param", [
     ([], "messages"),
-    ([{"role": "tool", "content": "x"}], "messages[0].role"),
+    ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id"),
+    ([{"role": "function", "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content"),
     ([{"role": "user", "content": 5}], "messages[0].content"),
 ])
