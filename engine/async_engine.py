@@ -14,6 +14,7 @@ from engine.errors import ContextLengthExceeded, EngineDead, InvalidRequest
 from engine.model.threads import call_in_new_thread
 from engine.request import EngineStats, GenerateRequest
 from engine.streams import RequestStream, Sink
+from engine.structured import CompiledGrammar, Constraint, GrammarCompiler
 from engine.update import Group
 
 
@@ -32,6 +33,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._threads = config.threads or torch.get_num_threads()
         self._threads_in_use = 0
+        self._compiler: GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -79,9 +82,20 @@ class AsyncEngine:
         EngineDraining or EngineDead."""
         self._check_started()
         self.validate(request)
+        grammar = None
+        if request.constraint is not None:          # CPU work (bounded by GrammarLimits): never on the event loop
+            grammar = await asyncio.to_thread(self.compile, request.constraint)
         sink = Sink(asyncio.get_running_loop(), self.core.outbox)
-        self.core.enqueue(Group(request=request, sink=sink))
+        self.core.enqueue(Group(request=request, sink=sink, grammar=grammar))
         return RequestStream(request.request_id, sink, self.core.abort)
+
+    def compile(self, spec: Constraint) -> CompiledGrammar:
+        """A constraint compiled for this model's vocabulary (cached); InvalidRequest naming the field when it is
+        unusable. Blocking: call it from a worker thread."""
+        with self._compiler_lock:                   # the vocabulary is built once (~0.7 s for World)
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(self.tokenizer, vocab_size=self.model_config.vocab_size)
+        return self._compiler.compile(spec)
 
     async def generate(self, request: GenerateRequest):
         """Async generator of RequestOutput; closing it early aborts the request."""
@@ -150,6 +164,9 @@ def validate_request(request: GenerateRequest, config: EngineConfig, vocab_size:
         raise InvalidRequest(f"n is {request.n}, but this server runs at most {config.max_sessions} sequences at "
                              f"once", param="n")
     request.params.check_token_ids(vocab_size)
+    if request.constraint is not None and request.params.ignore_eos:
+        raise InvalidRequest("ignore_eos cannot be combined with a structured output: the grammar decides where the "
+                             "output ends", param="ignore_eos")
 
 
 def check_prompt(ids: list[int], param: str, config: EngineConfig, vocab_size: int) -> None:

@@ -11,6 +11,8 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -24,9 +26,19 @@ from engine.sampling import sample, top_logprobs
 from engine.scheduler import SchedulePlan, Scheduler
 from engine.state_pool import StatePool
 from engine.streams import Outbox
+from engine.structured import MaskBatch, MaskFiller
 from engine.update import Group, Sequence, abort_output, advance, start_sequences, take_output
 
 log = logging.getLogger("goose.engine")
+
+
+@dataclass
+class Batch:
+    """Rows to sample in one pass: their sequences, their logits [len, V], and their grammar masks (a Future
+    while they are being filled during the forward)."""
+    seqs: list[tuple[Group, Sequence]]
+    logits: torch.Tensor
+    masks: Future | None = None
 
 
 class EngineCore:
@@ -41,6 +53,8 @@ class EngineCore:
                                    step_token_budget=config.step_token_budget,
                                    align=config.prefix_cache_interval if self.cache.enabled else 0)
         self.runner = ModelRunner(model, self.pool, self.cache, snapshot_every=config.prefix_cache_interval)
+        self.mask_filler = MaskFiller()
+        self._mask_thread: ThreadPoolExecutor | None = None
         self.outbox = Outbox()
         self.counters = collections.Counter()
         self.groups: dict[str, Group] = {}
@@ -128,6 +142,9 @@ class EngineCore:
             self.error = exc
             self._fail_all(EngineDead(f"the engine stopped: {type(exc).__name__}"))
             self._publish()
+        finally:
+            if self._mask_thread is not None:
+                self._mask_thread.shutdown(wait=False)
 
     def step(self) -> None:
         """One step: schedule, run the model, sample and deliver."""
@@ -145,14 +162,15 @@ class EngineCore:
             self._guard(g, self._begin, g)
         return self.scheduler.plan()
 
-    def _execute(self, plan: SchedulePlan) -> list[tuple[list[tuple[Group, Sequence]], torch.Tensor]]:
-        """The plan's model calls; returns (sequences, logits [len, V]) batches to sample."""
+    def _execute(self, plan: SchedulePlan) -> list[Batch]:
+        """The plan's model calls; returns the batches of rows to sample."""
         batches = []
         if plan.decode:                              # decode first: prompts that finish now join the next step
             seqs = [(g, s) for g in (self.groups[i] for i in plan.decode if i in self.groups)
                     for s in g.seqs if s.finished is None]
             if seqs:
-                batches.append((seqs, self.runner.decode(seqs)))
+                masks = self._masks_async(seqs)      # grammar masks are filled while the forward runs
+                batches.append(Batch(seqs, self.runner.decode(seqs), masks))
         by_length: dict[int, list[tuple[Group, int]]] = {}
         for gid, ntok in plan.prefill:               # equal-length chunks share one batched forward
             g = self.groups.get(gid)
@@ -176,7 +194,7 @@ class EngineCore:
         if not self._guard(g, self._start_decoding, g):
             return None
         live = [(g, s) for s in g.seqs if s.finished is None]
-        return (live, r.logits.expand(len(live), -1)) if live else None
+        return Batch(live, r.logits.expand(len(live), -1)) if live else None
 
     def _start_decoding(self, g: Group) -> None:
         self.runner.fork(g)
@@ -184,16 +202,40 @@ class EngineCore:
         if g.params.max_tokens == 0:
             self._deliver(g, {s.index: [] for s in g.seqs})
 
-    def _update(self, batches) -> None:
+    def _update(self, batches: list[Batch]) -> None:
         """Sample every batch's rows, apply the finish rules, deliver group by group."""
-        for seqs, logits in batches:
-            self._sample_and_deliver(seqs, logits)
+        for batch in batches:
+            self._sample_and_deliver(batch.seqs, batch.logits, self._masks(batch))
+
+    # ------------------------------------------------------------------------------------------ grammars
+    def _masks_async(self, seqs: list[tuple[Group, Sequence]]) -> Future | None:
+        matchers = [s.matcher for _, s in seqs]
+        if all(m is None for m in matchers):
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="goose-masks")
+        return self._mask_thread.submit(self.mask_filler.fill, matchers)
+
+    def _masks(self, batch: Batch) -> MaskBatch | None:
+        """The batch's grammar masks (filled now unless they were filled during the forward); a row whose
+        grammar hit a work limit fails its request."""
+        if isinstance(batch.masks, Future):
+            masks = batch.masks.result()
+        elif any(s.matcher is not None for _, s in batch.seqs):
+            masks = self.mask_filler.fill([s.matcher for _, s in batch.seqs])
+        else:
+            return None
+        for row, why in (masks.errors if masks is not None else {}).items():
+            self._fail(batch.seqs[row][0], RequestFailed(f"the output's grammar failed: {why}"))
+        return masks
 
     # ------------------------------------------------------------------------------------------ sampling
-    def _sample_and_deliver(self, seqs: list[tuple[Group, Sequence]], logits: torch.Tensor) -> None:
+    def _sample_and_deliver(self, seqs: list[tuple[Group, Sequence]], logits: torch.Tensor,
+                            masks: MaskBatch | None = None) -> None:
         want = any(g.params.logprobs is not None for g, _ in seqs)
         try:
-            tokens, logprobs = sample(logits.float().cpu(), [s.row for _, s in seqs], want_logprobs=want)
+            tokens, logprobs = sample(logits.float().cpu(), [s.row for _, s in seqs], want_logprobs=want,
+                                      mask=masks)
         except Exception:                            # noqa: BLE001 - isolate the culprit: sample rows one by one
             tokens, logprobs = None, None
         by_group: dict[str, tuple[Group, dict[int, list]]] = {}
@@ -202,7 +244,8 @@ class EngineCore:
                 continue
             try:
                 if tokens is None:
-                    one, lps = sample(logits[j:j + 1].float().cpu(), [s.row], want_logprobs=want)
+                    one, lps = sample(logits[j:j + 1].float().cpu(), [s.row], want_logprobs=want,
+                                      mask=masks.row(j) if masks is not None else None)
                     tok, lp_row, lp_src = one[0], 0, lps
                 else:
                     tok, lp_row, lp_src = tokens[j], j, logprobs

@@ -116,6 +116,9 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    constraint: object = None
+    """An engine.structured Constraint (a JSON schema, regex, choice, grammar or tool calls) every sequence's
+    output must match, or None for free text. Compiled at submit, off the event loop and the step loop."""
 
     def __post_init__(self):
         _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")

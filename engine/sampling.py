@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.request import SamplingParams, TokenLogprob
+from engine.structured import MaskBatch, apply_mask
 from kernels import native
 
 _NUCLEUS_PROBE = 64          # top-p is first tried within the top 64 tokens, which is exact whenever it suffices
@@ -36,13 +37,19 @@ def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, rows: list[SamplerRow],
-           want_logprobs: bool = True) -> tuple[list[int], torch.Tensor | None]:
+def sample(logits: torch.Tensor, rows: list[SamplerRow], want_logprobs: bool = True,
+           mask: MaskBatch | None = None) -> tuple[list[int], torch.Tensor | None]:
     """Pick one token per row of ``logits`` [B, V] fp32; return (token ids, the model's log-probabilities
-    [B, V] before any bias or penalty, or None when not wanted). ``logits`` is not modified."""
+    [B, V] before any bias or penalty, or None when not wanted). ``logits`` is not modified.
+
+    ``mask``: the grammar masks of the constrained rows, applied after biases and penalties and before
+    temperature and the filters, so nothing revives a masked token (-inf stays -inf)."""
     B, V = logits.shape
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     x = _apply_biases(logits, rows)
+    if mask is not None:
+        x = logits.clone() if x is logits else x
+        apply_mask(x, mask)
     tokens = [0] * B
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:

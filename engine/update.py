@@ -23,6 +23,7 @@ class Sequence:
     finished: FinishReason | None = None
     delta: str = ""                     # text released since the last delivery
     released: bool = False              # its state row has been given back
+    matcher: object = None              # engine.structured.Matcher when the output is constrained
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Group:
     prompt_logprobs: list | None = None
     sent_prompt: bool = False
     waiting: bool = True                # counted against max_waiting (until it gets slots or ends)
+    grammar: object = None              # engine.structured.CompiledGrammar of the request's constraint
 
     @property
     def id(self) -> str:
@@ -59,7 +61,8 @@ def start_sequences(g: Group, tokenizer, vocab_size: int) -> None:
     for i in range(g.request.n):
         counts = torch.zeros(vocab_size) if p.presence_penalty or p.frequency_penalty else None
         row = SamplerRow(p, make_generator(p.seed, i), counts)
-        g.seqs.append(Sequence(i, row, TextStream(tokenizer.stream_decoder(), p.stop)))
+        matcher = g.grammar.matcher() if g.grammar is not None else None
+        g.seqs.append(Sequence(i, row, TextStream(tokenizer.stream_decoder(), p.stop), matcher=matcher))
     if p.max_tokens == 0:
         for s in g.seqs:
             s.finished = FinishReason.LENGTH
@@ -67,7 +70,8 @@ def start_sequences(g: Group, tokenizer, vocab_size: int) -> None:
 
 def advance(s: Sequence, params: SamplingParams, tok: int, eot_id: int) -> None:
     """Record a sampled token and apply the finish rules: end-of-text or a stop token, a stop string in the
-    decoded text (the text stops before it), or max_tokens."""
+    decoded text (the text stops before it), the end of the output's grammar, or max_tokens. A token the grammar
+    rejects raises RequestFailed (the mask was not applied)."""
     s.tokens.append(tok)
     s.pending = tok
     s.delta = ""
@@ -75,10 +79,15 @@ def advance(s: Sequence, params: SamplingParams, tok: int, eot_id: int) -> None:
         s.finished = FinishReason.STOP
         s.delta = s.text.finish()
         return
+    if s.matcher is not None:
+        s.matcher.accept(tok)
     text, stopped = s.text.push(tok)
     s.delta = text
     if stopped:
         s.finished = FinishReason.STOP
+    elif s.matcher is not None and s.matcher.is_finished:
+        s.finished = FinishReason.STOP
+        s.delta += s.text.finish()
     elif len(s.tokens) >= params.max_tokens:
         s.finished = FinishReason.LENGTH
         s.delta += s.text.finish()

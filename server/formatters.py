@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+from engine import CallStart, ContentDelta, ToolCallStream
 from server.generation import Delta, Generation, Totals
 from server.protocol import (ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut,
-                             ChatResponse, CompletionChoice, CompletionLogprobs, CompletionResponse,
-                             PromptTokensDetails, TokenLogprobOut, TopLogprob, Usage)
+                             ChatResponse, CompletionChoice, CompletionLogprobs, CompletionResponse, FunctionCallOut,
+                             FunctionDelta, PromptTokensDetails, TokenLogprobOut, ToolCallDelta, ToolCallOut,
+                             TopLogprob, Usage)
 
 
 def usage(t: Totals) -> Usage:
@@ -80,17 +82,41 @@ async def collect_completion(chunks: AsyncIterator[CompletionResponse]) -> Compl
 
 async def chat_chunks(gen: Generation, include_usage: bool) -> AsyncIterator[ChatChunk]:
     head = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": gen.fingerprint}
+    parsers = [ToolCallStream(gen.tools) if gen.tools is not None else None for _ in range(gen.choices)]
     for i in range(gen.choices):
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     async with contextlib.aclosing(gen.deltas()) as deltas:
         async for batch in deltas:
             for d in batch:
-                if _moved(d):
-                    yield ChatChunk(**head, choices=[ChatChunkChoice(
-                        index=d.index, delta=ChatDelta(content=d.text or None), finish_reason=d.finish_reason,
-                        logprobs=None if gen.logprobs is None else ChatLogprobs(content=_chat_logprobs(d)))])
+                if not _moved(d):
+                    continue
+                delta, finish = _chat_delta(d, parsers[d.index])
+                yield ChatChunk(**head, choices=[ChatChunkChoice(
+                    index=d.index, delta=delta, finish_reason=finish,
+                    logprobs=None if gen.logprobs is None else ChatLogprobs(content=_chat_logprobs(d)))])
     if include_usage:
         yield ChatChunk(**head, choices=[], usage=usage(gen.totals))
+
+
+def _chat_delta(d: Delta, parser: ToolCallStream | None) -> tuple[ChatDelta, str | None]:
+    """A choice's text delta as chat content, or, when replies may call tools, as content and call fragments
+    (a call's index, id, type and name first, then its arguments' JSON text in pieces, as OpenAI streams them)."""
+    if parser is None:
+        return ChatDelta(content=d.text or None), d.finish_reason
+    events = parser.feed(d.text) if d.text else []
+    if d.finish_reason:
+        events += parser.finish()
+    content, calls = "", []
+    for e in events:
+        if isinstance(e, ContentDelta):
+            content += e.text
+        elif isinstance(e, CallStart):
+            calls.append(ToolCallDelta(index=e.index, id=e.id, type="function",
+                                       function=FunctionDelta(name=e.name, arguments="")))
+        else:
+            calls.append(ToolCallDelta(index=e.index, function=FunctionDelta(arguments=e.text)))
+    finish = parser.result().finish_reason(d.finish_reason) if d.finish_reason else None
+    return ChatDelta(content=content or None, tool_calls=calls or None), finish
 
 
 def _chat_logprobs(d: Delta) -> list[TokenLogprobOut]:
@@ -100,7 +126,8 @@ def _chat_logprobs(d: Delta) -> list[TokenLogprobOut]:
 
 
 async def collect_chat(chunks: AsyncIterator[ChatChunk]) -> ChatResponse:
-    head, texts, logprobs, finish, final_usage = None, {}, {}, {}, None
+    """The whole response folded from the stream: content, calls assembled by index, finish reasons."""
+    head, texts, logprobs, finish, calls, final_usage = None, {}, {}, {}, {}, None
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             head = head or chunk
@@ -108,10 +135,23 @@ async def collect_chat(chunks: AsyncIterator[ChatChunk]) -> ChatResponse:
             for c in chunk.choices:
                 texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
                 finish[c.index] = c.finish_reason or finish.get(c.index)
+                for t in c.delta.tool_calls or []:
+                    call = calls.setdefault(c.index, {}).setdefault(t.index, {"id": "", "name": "", "args": ""})
+                    call["id"] = t.id or call["id"]
+                    call["name"] = (t.function.name if t.function and t.function.name else call["name"])
+                    call["args"] += t.function.arguments or "" if t.function else ""
                 if c.logprobs is not None:
                     logprobs.setdefault(c.index, []).extend(c.logprobs.content or [])
-    choices = [ChatChoice(index=i, message=ChatMessageOut(content=texts[i]), finish_reason=finish[i],
+    choices = [ChatChoice(index=i, message=_message(texts[i], calls.get(i)), finish_reason=finish[i],
                           logprobs=ChatLogprobs(content=logprobs[i]) if i in logprobs else None)
                for i in sorted(texts)]
     return ChatResponse(id=head.id, created=head.created, model=head.model, choices=choices, usage=final_usage,
                         system_fingerprint=head.system_fingerprint)
+
+
+def _message(text: str, calls: dict | None) -> ChatMessageOut:
+    if not calls:
+        return ChatMessageOut(content=text)
+    out = [ToolCallOut(id=c["id"], function=FunctionCallOut(name=c["name"], arguments=c["args"]))
+           for _, c in sorted(calls.items())]
+    return ChatMessageOut(content=text if text.strip() else None, tool_calls=out)

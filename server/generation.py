@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from engine import EngineDraining, FinishReason, RequestFailed, RequestOutput, TokenLogprob
+from engine import EngineDraining, FinishReason, RequestFailed, RequestOutput, TokenLogprob, ToolFormat
 
 LOGPROB_FLOOR = -9999.0       # JSON has no -inf; vLLM clamps the same way
 
@@ -60,6 +60,7 @@ class Generation:
     n: int
     echo: bool = False
     logprobs: int | None = None        # alternatives per token when logprobs are returned, else None
+    tools: ToolFormat | None = None    # the template's tool-call format when replies are parsed for calls
     t0: float = field(default_factory=time.perf_counter)
     totals: Totals = field(default_factory=Totals)
     timed_out: bool = False

@@ -6,8 +6,9 @@ import asyncio
 import time
 import uuid
 
-from engine import GenerateRequest, InvalidRequest, Overloaded, SamplingParams, render_chat
+from engine import Choice, GenerateRequest, Grammar, InvalidRequest, Overloaded, Regex, SamplingParams, render_chat
 from server.errors import ModelNotFound
+from server.structured import structured_request
 from server.generation import Generation
 from server.protocol import ChatRequest, CompletionRequest, SamplingFields
 
@@ -73,12 +74,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def _submit(ctx, gen: Generation, params: SamplingParams, prompt_param: str) -> Generation:
+async def _submit(ctx, gen: Generation, params: SamplingParams, prompt_param: str, constraint=None) -> Generation:
     try:
         for p, ids in enumerate(gen.prompts):
             rid = gen.id if len(gen.prompts) == 1 else f"{gen.id}-{p}"
             gen.streams.append(await ctx.engine.submit(
-                GenerateRequest(prompt_tokens=ids, params=params, n=gen.n, request_id=rid)))
+                GenerateRequest(prompt_tokens=ids, params=params, n=gen.n, request_id=rid, constraint=constraint)))
     except BaseException as exc:
         for stream in gen.streams:
             await stream.aclose()
@@ -95,13 +96,14 @@ async def start_completion(ctx, req: CompletionRequest) -> Generation:
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
     items = prompt_items(ctx, req.prompt, "prompt")
+    structured = structured_request(req, ctx.info.template)
     precheck(ctx, len(items) * req.n)
     prompts = await asyncio.to_thread(token_lists, ctx, items, allow_special=True)
     params = sampling_params(req, ctx, max_tokens=req.max_tokens, logprobs=req.logprobs,
                              prompt_logprobs=req.logprobs if req.echo else None)
     gen = Generation(ctx, new_id("cmpl"), int(time.time()), [], prompts, req.n, echo=req.echo,
                      logprobs=req.logprobs)
-    return await _submit(ctx, gen, params, "prompt")
+    return await _submit(ctx, gen, params, "prompt", structured.constraint)
 
 
 async def start_chat(ctx, req: ChatRequest) -> Generation:
@@ -110,17 +112,23 @@ async def start_chat(ctx, req: ChatRequest) -> Generation:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+    template = ctx.info.template
+    structured = structured_request(req, template)
     precheck(ctx, req.n)
-    messages = [m.model_dump(include={"role", "content"}) for m in req.messages]
-    ids = await asyncio.to_thread(_chat_tokens, ctx, messages)
+    messages = [m.model_dump(include={"role", "content", "tool_calls", "tool_call_id"}, exclude_none=True)
+                for m in req.messages]
+    ids = await asyncio.to_thread(_chat_tokens, ctx, messages, structured.tools)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, ctx, max_tokens=max_tokens, logprobs=k, extra_stop=ctx.info.template.stop)
-    gen = Generation(ctx, new_id("chatcmpl"), int(time.time()), [], [ids], req.n, logprobs=k)
-    return await _submit(ctx, gen, params, "messages")
+    # a regex, choice or grammar says exactly where the reply ends: the template's turn stops would cut it
+    own_form = isinstance(structured.constraint, (Regex, Choice, Grammar))
+    params = sampling_params(req, ctx, max_tokens=max_tokens, logprobs=k, extra_stop=() if own_form else template.stop)
+    gen = Generation(ctx, new_id("chatcmpl"), int(time.time()), [], [ids], req.n, logprobs=k,
+                     tools=template.tools if structured.parse_tools else None)
+    return await _submit(ctx, gen, params, "messages", structured.constraint)
 
 
-def _chat_tokens(ctx, messages: list[dict]) -> list[int]:
+def _chat_tokens(ctx, messages: list[dict], tools) -> list[int]:
     tok = ctx.engine.tokenizer
-    text = render_chat(messages, ctx.info.template)
+    text = render_chat(messages, ctx.info.template, tools=tools)
     return ([tok.eot_id] if ctx.info.template.bos else []) + tok.encode(text, allow_special=False)

@@ -76,9 +76,9 @@ class StructuredOutputs(OpenAIRequest):
     """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar (Lark or GBNF),
     json_object."""
     json_: dict[str, Any] | str | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: Annotated[str, Field(min_length=1)] | None = None
     json_object: bool | None = None
 
 

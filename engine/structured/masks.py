@@ -31,6 +31,13 @@ class MaskBatch:
     errors: dict[int, str] = field(default_factory=dict)
     """Batch row -> why its grammar failed (a work limit): fail that sequence; its mask allows only end-of-text."""
 
+    def row(self, j: int) -> MaskBatch | None:
+        """The mask of batch row ``j`` alone, as a batch of one (None when that row is free)."""
+        if j not in self.rows:
+            return None
+        k = self.rows.index(j)
+        return MaskBatch([0], self.bits[k:k + 1])
+
 
 class MaskFiller:
     """Fills masks for a batch of matchers with llguidance's thread pool (one per engine)."""

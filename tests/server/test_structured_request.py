@@ -99,7 +99,6 @@ def test_many_tools_like_open_webui_compile():
     ({"structured_outputs": {"regex": "x", "choice": ["a"]}}, "structured_outputs", "regex and choice"),
     ({"structured_outputs": {"structural_tag": {"x": 1}}}, "structured_outputs.structural_tag", "not supported"),
     ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "not valid JSON"),
-    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "at least one"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
     ({"tools": [tool("a")], "structured_outputs": {"regex": "x"}}, "structured_outputs.regex", "combined"),
 ])
@@ -120,7 +119,7 @@ def test_messages_with_calls_and_results_validate():
 
 def test_responses_match_the_openai_types():
     call = ToolCallOut(id="call_1", function=FunctionCallOut(name="w", arguments='{"c": 1}'))
-    resp = ChatResponse(id="chatcmpl-1", created=1, model="m", usage=Usage(prompt_tokens=1, completion_tokens=2,
+    resp = ChatResponse(id="chatcmpl-1", created=1, model="m", system_fingerprint="fp_0", usage=Usage(prompt_tokens=1, completion_tokens=2,
                                                                           total_tokens=3),
                         choices=[ChatChoice(index=0, message=ChatMessageOut(content=None, tool_calls=[call]),
                                             finish_reason="tool_calls")])
@@ -130,10 +129,17 @@ def test_responses_match_the_openai_types():
     assert "tool_calls" not in ChatMessageOut(content="hi").model_dump()
     first = ToolCallDelta(index=0, id="call_1", type="function", function=FunctionDelta(name="w", arguments=""))
     later = ToolCallDelta(index=0, function=FunctionDelta(arguments='{"c"'))
-    chunk = ChatChunk(id="c", created=1, model="m", choices=[ChatChunkChoice(index=0, delta=ChatDelta(
+    chunk = ChatChunk(id="c", created=1, model="m", system_fingerprint="fp_0", choices=[ChatChunkChoice(index=0, delta=ChatDelta(
         tool_calls=[first, later]))])
     body = json.loads(chunk.model_dump_json())
     assert body["choices"][0]["delta"]["tool_calls"] == [
         {"index": 0, "id": "call_1", "type": "function", "function": {"name": "w", "arguments": ""}},
         {"index": 0, "function": {"arguments": '{"c"'}}]
     oa.ChatCompletionChunk.model_validate(body)
+
+
+def test_an_empty_choice_list_is_refused_by_the_schema():
+    """structured_outputs.choice needs a string to choose: the request schema says so (OpenAPI shows it)."""
+    import pydantic
+    with pytest.raises(pydantic.ValidationError):
+        ChatRequest.model_validate({"messages": CHAT, "structured_outputs": {"choice": []}})
