@@ -1,4 +1,5 @@
-"""Text: tokenizers (tokenizer.py), the chat template (chat.py), and stop strings over streamed text (stop.py)."""
+"""Text: tokenizers (tokenizer.py loads one: the interface in tokenizer_base.py, World in world.py, tokenizer.json in
+hf_tokenizer.py), the chat template (chat.py), and stop strings over streamed text (stop.py)."""
 from engine.text.chat import ChatTemplate, render_chat
 from engine.text.stop import TextStream
 from engine.text.tokenizer import load_tokenizer
