@@ -29,8 +29,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PATH=/opt/venv/bin:$PATH
 
-# A C++ compiler for this stage only: it builds the native CPU decode kernels (kernels/native.py) below, and the
-# runtime stage copies the built library, not the compiler.
+# A C++ compiler for this stage only: it builds the native CPU decode kernels (kernels/native_build.py) below, and
+# the runtime stage copies the built library, not the compiler.
 # DL3008 (pin apt versions) is ignored: g++ is whatever the base image's Debian release ships, and the library it
 # builds is checked against torch's own ops every time it is loaded.
 # hadolint ignore=DL3008
@@ -53,7 +53,7 @@ RUN pip install ".[${EXTRAS}]"
 # Build the native CPU decode kernels now, into the directory the runtime stage copies and names in
 # GOOSE_KERNEL_DIR: the library is built for every x86-64 vector width and picked at load, so it runs on any host.
 ENV GOOSE_KERNEL_DIR=/opt/goose-kernels
-RUN python -I -c "from kernels import native; print(native.load().path)"
+RUN python -I -c "from kernels import native_build; print(native_build.load().path)"
 
 # What the runtime stage copies, at the same paths under /app as in the repository (cp --parents), with modes a
 # non-root user can read (checkpoints are often written 0600). config.yaml gets the image's model.strategy; the

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from engine.text.tokenizer import WORLD_VOCAB_PATH, WorldTokenizer
+from engine.text.world import WORLD_VOCAB_PATH, WorldTokenizer
 from bench.corpus import mixed_corpus
 
 

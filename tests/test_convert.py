@@ -1,8 +1,8 @@
 """`goose convert`: round trips between .pth, safetensors, the fla-hub HF layout and GGUF; GGUF as llama.cpp reads it.
 
 The GGUF expectations (names, shapes, types, metadata) are written here from the reference notes §3.3, independently of
-engine/formats/gguf.py, and checked with gguf-py's own reader. The llama.cpp interop tests run only when llama-cpp-python
-is installed (marker ``llamacpp``).
+engine/formats/gguf_write.py, and checked with gguf-py's own reader. The llama.cpp interop tests run only when
+llama-cpp-python is installed (marker ``llamacpp``).
 """
 from __future__ import annotations
 

@@ -393,7 +393,7 @@ def test_image_ships_prebuilt_native_kernels():
     assert env_of(runtime)["GOOSE_KERNEL_DIR"] == kernel_dir
     runs = [c for i in builder if i.cmd == "RUN" for c in shell_commands(i.args)]
     assert any(c[:2] == ["apt-get", "install"] and "g++" in c for c in runs), "the builder needs g++"
-    build = [i for i, ins in enumerate(builder) if ins.cmd == "RUN" and "native.load()" in ins.args]
+    build = [i for i, ins in enumerate(builder) if ins.cmd == "RUN" and "native_build.load()" in ins.args]
     install = [i for i, ins in enumerate(builder) if ins.cmd == "RUN" and pip_install(shell_commands(ins.args)[0])
                and any(project_target(t) for t in pip_parts(pip_install(shell_commands(ins.args)[0]))[1])]
     assert build and install and build[0] > install[0], "the kernels are built after the project is installed"

@@ -1,5 +1,6 @@
-"""The native CPU decode kernels (kernels/native.py): the build and its cache, the WKV step against the
-reference, the fused time mix against the model's torch ops, and every way of turning them off or failing.
+"""The native CPU decode kernels (kernels/native.py, built by kernels/native_build.py): the build and its cache,
+the WKV step against the reference, the fused time mix against the model's torch ops, and every way of turning
+them off or failing.
 
 CI machines have a C++ compiler, so these tests build the library and fail when it does not build; only
 GOOSE_NATIVE_KERNELS=0 in the environment skips the ones that need it."""
@@ -15,7 +16,7 @@ import torch
 
 from engine import ModelLoadError, load_model
 from bench.random_checkpoint import write_checkpoint
-from kernels import get_wkv7, native
+from kernels import get_wkv7, native, native_build
 from tests.conftest import PARITY_SHAPES, rel_err
 from tests.test_kernels import make_inputs
 
@@ -28,9 +29,9 @@ def fresh_native(monkeypatch, tmp_path):
     """A process state with nothing loaded and an empty kernel directory; restored afterwards."""
     monkeypatch.setenv("GOOSE_KERNEL_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv("GOOSE_NATIVE_KERNELS", raising=False)
-    native._reset_for_tests()
+    native_build._reset_for_tests()
     yield tmp_path / "kernels"
-    native._reset_for_tests()
+    native_build._reset_for_tests()
 
 
 def tokens(n_rows: int, n: int, vocab: int, seed: int) -> torch.Tensor:
@@ -172,7 +173,8 @@ def test_build_is_cached_and_shared_between_processes(fresh_native):
     built = lib.path.stat().st_mtime_ns
     assert lib.path.stat().st_mode & 0o777 == 0o755            # loadable by other users (a container's runtime uid)
     assert [p.name for p in fresh_native.iterdir()] == [lib.path.name]      # no temporary left behind
-    code = "from kernels import native; lib = native.load(); print(lib.path); print(len(native.openmp_runtimes()))"
+    code = ("from kernels import native_build; lib = native_build.load(); print(lib.path); "
+            "print(len(native_build.openmp_runtimes()))")
     env = {**os.environ, "GOOSE_KERNEL_DIR": str(fresh_native), "CXX": "/nonexistent/c++", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1])
@@ -212,7 +214,7 @@ def test_a_failing_build_reports_the_compiler_error(monkeypatch, fresh_native, t
 
 @needs_native
 def test_a_damaged_cached_library_is_rebuilt(fresh_native, caplog):
-    path = fresh_native / native._library_name()        # never loaded in this process (dlopen caches by name)
+    path = fresh_native / native_build._library_name()  # never loaded in this process (dlopen caches by name)
     fresh_native.mkdir(parents=True)
     path.write_bytes(b"not a shared library")
     with caplog.at_level("WARNING", logger="goose.kernels"):
@@ -231,13 +233,13 @@ def test_tiny_temperatures_are_greedy():
 @needs_native
 def test_a_library_giving_wrong_results_is_refused(fresh_native, monkeypatch):
     lib = native.load()
-    native._reset_for_tests()
-    real_init = native._Lib.__init__
+    native_build._reset_for_tests()
+    real_init = native_build._Lib.__init__
 
     def broken(self, path):
         real_init(self, path)
         self.wkv7_seq = lambda *args: None                    # a kernel that computes nothing
-    monkeypatch.setattr(native._Lib, "__init__", broken)
+    monkeypatch.setattr(native_build._Lib, "__init__", broken)
     with pytest.raises(native.NativeUnavailable, match="gives wrong results"):
         native.load()
     assert lib.path.exists()

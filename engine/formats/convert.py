@@ -183,9 +183,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     bar = None
     try:
         if fmt == "gguf":
-            from engine.formats.gguf import (
+            from engine.formats.gguf import require_gguf
+            from engine.formats.gguf_write import (
                 bpe_pretokenizer_note,
-                require_gguf,
                 tensor_nbytes,
                 tensor_plan,
                 tensor_qtype,

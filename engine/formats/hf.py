@@ -14,7 +14,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.text.tokenizer import WORLD_EOT_TEXT, WORLD_VOCAB_PATH, read_world_vocab
+from engine.text.world import WORLD_EOT_TEXT, WORLD_VOCAB_PATH, read_world_vocab
 
 WORLD_VOCAB_NAME = "rwkv_vocab_v20230424.txt"
 # RWKV chat format (reference notes §3.4): "System: ...\n\n", "User: ...\n\n", "Assistant: ...\n\n", then "Assistant:".

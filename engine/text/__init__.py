@@ -1,5 +1,6 @@
-"""Text: tokenizers (tokenizer.py), the chat template (chat.py), stop strings over streamed text (stop.py), and tool
-calls as text (tools.py: the prompt format; tool_parser.py: replies -> calls)."""
+"""Text: tokenizers (tokenizer.py loads one: the interface in tokenizer_base.py, World in world.py, tokenizer.json in
+hf_tokenizer.py), the chat template (chat.py), stop strings over streamed text (stop.py), and tool calls as text
+(tools.py: the prompt format; tool_parser.py: replies -> calls)."""
 from engine.text.chat import ChatTemplate, render_chat
 from engine.text.stop import TextStream
 from engine.text.tokenizer import load_tokenizer

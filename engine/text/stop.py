@@ -1,7 +1,7 @@
 """Stop strings matched on decoded text: release what is safe, hold back a possible partial match."""
 from __future__ import annotations
 
-from engine.text.tokenizer import StreamDecoder
+from engine.text.tokenizer_base import StreamDecoder
 
 
 class TextStream:

@@ -1,4 +1,5 @@
-// Native CPU kernels for RWKV-7's time mix, built and loaded by kernels/native.py.
+// Native CPU kernels for RWKV-7's time mix, built and loaded by kernels/native_build.py, called through
+// kernels/native.py.
 //
 // The WKV-7 step in torch ops reads and writes each [N, N] state several times (one batched matmul for S a
 // and S (e^w * r), a scaling pass, two rank-1 updates) and every small elementwise op of the time mix is a
@@ -322,7 +323,7 @@ int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
 
 extern "C" {
 
-// Bumped whenever a signature below changes; kernels/native.py refuses a library reporting another number.
+// Bumped whenever a signature below changes; kernels/native_build.py refuses a library reporting another number.
 int goose_abi_version() { return 5; }
 
 int64_t goose_max_head_size() { return kMaxHeadSize; }

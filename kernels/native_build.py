@@ -1,0 +1,283 @@
+"""Build, cache and load the native CPU kernels' shared library (kernels/csrc/rwkv7_cpu.cpp) with the system C++
+compiler, and check it against torch before it is used; kernels/native.py calls it from torch.
+
+Build: ``$CXX`` (else c++ / g++) with OpenMP, no torch headers (about a second), linked against the OpenMP
+runtime torch itself loaded (by path), so the kernels' loops run on torch's thread pool with its thread count
+rather than on a second pool that would fight it for the cores. The shared library goes to
+``$GOOSE_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/goose/kernels`` or ``~/.cache/goose/kernels``) under a name
+hashed from the source and the flags, written atomically, so concurrent processes and later runs share it and
+a machine with a prebuilt library (the Docker image) needs no compiler. On x86-64 the hot functions are built
+for several vector widths and picked at run time, so a library built on one machine runs on another.
+
+``GOOSE_NATIVE_KERNELS``: ``auto`` (default: use them when they build), ``0`` (never), ``1`` (fail loudly when
+they cannot be built). A library is checked against the torch step on a small input before it is used.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "build_dir",
+           "openmp_runtimes", "SOURCE", "ABI_VERSION"]
+
+log = logging.getLogger("goose.kernels")
+
+SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
+ABI_VERSION = 5
+_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
+_OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be used here; the message says why (no compiler, build error, disabled)."""
+
+
+class _Lib:
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+        lib.goose_abi_version.restype = ctypes.c_int
+        lib.goose_max_head_size.restype = i64
+        lib.goose_wkv7_seq.argtypes = [i64, i64, i64, i64] + [ptr] * 8
+        lib.goose_wkv7_seq.restype = None
+        lib.goose_rwkv7_time_mix.argtypes = [i64, i64, i64, i64, ctypes.c_int, ctypes.c_int] + [ptr] * 16 + [
+            f32, f32, ptr, ptr]
+        lib.goose_rwkv7_time_mix.restype = None
+        lib.goose_shift_mix.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr]
+        lib.goose_shift_mix.restype = None
+        self.abi = lib.goose_abi_version()
+        self.max_head_size = lib.goose_max_head_size()
+        self.wkv7_seq = lib.goose_wkv7_seq
+        self.time_mix = lib.goose_rwkv7_time_mix
+        self.shift_mix = lib.goose_shift_mix
+        lib.goose_sample_rows.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr]
+        lib.goose_sample_rows.restype = None
+        self.sample_rows = lib.goose_sample_rows
+        self._handle = lib
+
+
+def build_dir() -> Path:
+    if os.environ.get("GOOSE_KERNEL_DIR"):
+        return Path(os.environ["GOOSE_KERNEL_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "goose" / "kernels"
+
+
+def _flags() -> list[str]:
+    flags = list(_FLAGS)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-DGOOSE_X86_CLONES")
+    return flags
+
+
+def openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; empty elsewhere). torch loads its own."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    found = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        path = fields[5] if len(fields) == 6 else ""
+        if _OPENMP_NAME.match(os.path.basename(path)) and path not in found:
+            found.append(path)
+    return found
+
+
+def _torch_openmp() -> str | None:
+    """The OpenMP runtime torch uses, to link against by path: its soname may be a wheel's private one
+    (libgomp-<hash>.so.1), and a library that asked for the system's libgomp.so.1 instead would start a second
+    thread pool next to torch's."""
+    runtimes = openmp_runtimes()
+    if len(runtimes) > 1:
+        log.warning("several OpenMP runtimes are loaded (%s): the native kernels link the system's with -fopenmp "
+                    "and may run a second thread pool next to torch's", ", ".join(runtimes))
+    return runtimes[0] if len(runtimes) == 1 else None
+
+
+def _library_name() -> str:
+    """Hash of what determines the binary: source, flags, OpenMP runtime, platform (not the compiler: a
+    prebuilt library must load on a machine that has none)."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(_flags()).encode())
+    h.update(os.path.basename(_torch_openmp() or "-fopenmp").encode())
+    h.update(f"{sys.platform}-{platform.machine()}".encode())
+    return f"rwkv7_cpu-{h.hexdigest()[:16]}.so"
+
+
+def _compiler() -> str:
+    for cand in (os.environ.get("CXX"), "c++", "g++"):
+        if cand and shutil.which(cand):
+            return cand
+    raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    obj = tmp[:-len(".so")] + ".o"
+    cxx, omp = _compiler(), _torch_openmp()
+    link_omp = [omp, f"-Wl,-rpath,{os.path.dirname(omp)}"] if omp else ["-fopenmp"]
+    steps = ([cxx, *_flags(), "-c", str(SOURCE), "-o", obj],
+             [cxx, "-shared", obj, *link_omp, "-o", tmp])
+    t0 = time.perf_counter()
+    try:
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise NativeUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
+                                        f"{proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)             # mkstemp makes 0600: other users (a container's runtime uid) must load it
+        os.replace(tmp, target)          # atomic: a concurrent build or load sees the old file or the whole new one
+    except subprocess.TimeoutExpired:
+        raise NativeUnavailable(f"building {SOURCE.name} took over 300 s; gave up") from None
+    finally:
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    log.info("built the native CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
+
+
+def _self_test(lib: _Lib) -> None:
+    """The library against torch on small inputs: the WKV recurrence at head sizes 16 and 64 in both layouts
+    (one token, then a prompt's transposed walk), the token-shift mix, and the sampler's edge cases. A
+    miscompiled kernel must never serve."""
+    from kernels.wkv7_reference import wkv7_step_ as torch_step_
+    g = torch.Generator().manual_seed(0)
+    for N in (16, 64):
+        B, T, H = 2, 6, 3
+        r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+        w = -0.6 * torch.rand(B, T, H, N, generator=g)
+        kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+        a, b = -kk, kk * torch.rand(B, T, H, N, generator=g)
+        state = torch.randn(B, H, N, N, generator=g)
+        want_state = state.clone()
+        want = torch.cat([torch_step_(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), want_state)
+                          for t in range(T)], 1)
+        got = torch.empty_like(r)
+        for lo, hi in ((0, 1), (1, T)):   # one token (the decode layout), then five (the transposed prompt walk)
+            part = [x[:, lo:hi].contiguous() for x in (r, w, k, v, a, b)]
+            out = torch.empty_like(part[0])
+            lib.wkv7_seq(B, hi - lo, H, N, *(t.data_ptr() for t in part), state.data_ptr(), out.data_ptr())
+            got[:, lo:hi] = out
+        err = max(((got - want).abs().max() / want.abs().max()).item(),
+                  ((state - want_state).abs().max() / want_state.abs().max()).item())
+        if not err < 1e-5:
+            raise NativeUnavailable(f"{lib.path} gives wrong results (WKV, head size {N}: relative error "
+                                    f"{err:.2e} against torch)")
+    x, prev, mix = torch.randn(2, 3, 40, generator=g), torch.randn(2, 40, generator=g), torch.rand(2, 40, generator=g)
+    out = torch.empty(2, 2, 3, 40)
+    lib.shift_mix(2, 3, 40, 2, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), 0, out.data_ptr())
+    want = torch.addcmul(x, torch.cat((prev.unsqueeze(1), x[:, :-1]), 1) - x, mix.view(2, 1, 1, 40))
+    if not torch.allclose(out, want, rtol=1e-6, atol=1e-6):
+        raise NativeUnavailable(f"{lib.path} gives wrong results (token-shift mix)")
+    logits = torch.full((3, 300), float("-inf"))
+    logits[0, 123], logits[1, 7], logits[1, 299] = 0.0, 5.0, -30.0
+    picked = torch.empty(3, dtype=torch.int64)
+    lib.sample_rows(3, 300, logits.data_ptr(), 300, torch.ones(3).data_ptr(), torch.full((3,), 0.5).data_ptr(),
+                    picked.data_ptr())
+    if picked.tolist() != [123, 7, -1]:
+        raise NativeUnavailable(f"{lib.path} gives wrong results (sampler: {picked.tolist()})")
+
+
+_lock = threading.Lock()
+_loaded: _Lib | None = None
+_failure: NativeUnavailable | None = None
+
+
+def mode() -> str:
+    mode = (os.environ.get("GOOSE_NATIVE_KERNELS") or "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"GOOSE_NATIVE_KERNELS must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _open(path: Path) -> _Lib:
+    lib = _Lib(path)
+    if lib.abi != ABI_VERSION:
+        raise NativeUnavailable(f"{path} reports ABI {lib.abi}, expected {ABI_VERSION}")
+    _self_test(lib)
+    return lib
+
+
+def load() -> _Lib:
+    """The loaded library, building it first if needed; raises NativeUnavailable (the reason) otherwise.
+    The outcome is remembered for the process."""
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _failure is not None:
+            raise _failure
+        if mode() == "0":
+            raise NativeUnavailable("disabled by GOOSE_NATIVE_KERNELS=0")
+        try:
+            path = build_dir() / _library_name()
+            if not path.exists():
+                _build(path)
+                lib = _open(path)
+            else:
+                try:
+                    lib = _open(path)
+                except (NativeUnavailable, OSError) as exc:    # a damaged cache entry: build it again, once
+                    log.warning("the cached native kernels %s are unusable (%s); rebuilding", path, exc)
+                    fresh = path.with_name(f"{path.stem}.{os.getpid()}.so")   # a new name: dlopen caches by name
+                    try:
+                        _build(fresh)
+                        lib = _open(fresh)
+                        os.replace(fresh, path)
+                        lib.path = path
+                    finally:
+                        if fresh.exists():
+                            fresh.unlink()
+        except NativeUnavailable as exc:
+            _failure = exc
+            raise
+        except OSError as exc:            # unwritable cache directory, a library that does not load
+            _failure = NativeUnavailable(f"native CPU kernels unavailable: {exc}")
+            raise _failure from exc
+        _loaded = lib
+        return lib
+
+
+def ensure_loadable() -> None:
+    """For kernels.get_wkv7: raise NativeUnavailable now rather than at the first call."""
+    load()
+
+
+def available() -> bool:
+    try:
+        load()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def status() -> str:
+    """One line for logs: where the library is, or why there is none."""
+    try:
+        return f"native CPU kernels: {load().path}"
+    except NativeUnavailable as exc:
+        return f"native CPU kernels unavailable: {exc}"
+
+
+def _reset_for_tests() -> None:
+    global _loaded, _failure
+    with _lock:
+        _loaded, _failure = None, None
