@@ -6,10 +6,7 @@ from collections.abc import AsyncIterator
 
 from engine import CallStart, ContentDelta, ToolCallStream
 from server.generation import Delta, Generation, Totals
-from server.protocol import (ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut,
-                             ChatResponse, CompletionChoice, CompletionLogprobs, CompletionResponse, FunctionCallOut,
-                             FunctionDelta, PromptTokensDetails, TokenLogprobOut, ToolCallDelta, ToolCallOut,
-                             TopLogprob, Usage)
+from server.output import ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatResponse, CompletionChoice, CompletionLogprobs, CompletionResponse, FunctionCallOut, FunctionDelta, PromptTokensDetails, TokenLogprobOut, ToolCallDelta, ToolCallOut, TopLogprob, Usage
 
 
 def usage(t: Totals) -> Usage:

@@ -12,10 +12,8 @@ from fastapi.responses import Response
 from engine import EngineDead, EngineDraining, InvalidRequest
 from server import formatters, prepare, sse
 from server.errors import NotFound, NotReady
-from server.protocol import (ChatChunk, ChatRequest, ChatResponse, CompletionRequest, CompletionResponse,
-                             DetokenizeRequest, DetokenizeResponse, Embedding, EmbeddingRequest, EmbeddingResponse,
-                             EmbeddingUsage, ErrorResponse, Health, ModelCard, ModelList, TokenizeRequest,
-                             TokenizeResponse, TokenizerInfo)
+from server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from server.output import ChatChunk, ChatResponse, CompletionResponse, DetokenizeResponse, Embedding, EmbeddingResponse, EmbeddingUsage, ErrorResponse, Health, ModelCard, ModelList, TokenizeResponse, TokenizerInfo
 
 router = APIRouter()
 _ERR = {"model": ErrorResponse}

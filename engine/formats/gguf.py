@@ -314,9 +314,3 @@ class GGUFCheckpoint:
                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                           "vocab": vocab, "merges": merges}}
         return TokenizerData("bpe", hf_json=json.dumps(spec, ensure_ascii=False), source=src)
-
-
-def read_gguf(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an RWKV-7 GGUF in BlinkDL names and shapes (quantized tensors dequantized to fp32)."""
-    ck = GGUFCheckpoint(path)
-    return {key: ck.get(key) for key in ck.meta}

@@ -8,9 +8,8 @@ import pytest
 
 from engine import (ChatTemplate, Choice, Grammar, InvalidRequest, JsonObject, JsonSchema, Regex, ToolCalls,
                     ToolFormat)
-from server.protocol import (ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatRequest, ChatResponse,
-                             ChatChoice, CompletionRequest, FunctionCallOut, FunctionDelta, ToolCallDelta,
-                             ToolCallOut, Usage)
+from server.protocol import ChatRequest, CompletionRequest
+from server.output import ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatResponse, ChatChoice, FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut, Usage
 from server.structured import structured_request
 
 CHAT = [{"role": "user", "content": "Hi"}]
