@@ -4,7 +4,7 @@ import torch
 
 from bench.random_checkpoint import write_checkpoint
 from engine import ModelLoadError, load_model
-from engine.formats.state_file import load_state_file, save_state_file
+from engine.formats.state_file import load_state_file, save_state_file, state_digest
 from tests.conftest import PARITY_SHAPES, rel_err
 
 TOL = 1e-4   # as in test_model_parity: max |diff| relative to max |logit|
@@ -74,6 +74,16 @@ def test_save_and_load_round_trip_pth_and_safetensors(tiny_model, tmp_path):
         back = load_state_file(tmp_path / name, tiny_model.config)
         assert all(torch.equal(a, b) for a, b in zip(back.wkv, state.wkv))
         assert all(float(t.abs().max()) == 0 for t in back.att_x + back.ffn_x)
+
+
+def test_state_digest_follows_the_content(tiny_model, tmp_path):
+    _, state = tiny_model.forward(torch.tensor([[5, 6, 7]]), None)
+    save_state_file(tmp_path / "a.pth", state)
+    a = load_state_file(tmp_path / "a.pth", tiny_model.config)
+    assert state_digest(a) == state_digest(load_state_file(tmp_path / "a.pth", tiny_model.config))
+    a.wkv[1][0, 0, 0, 0] += 1e-6
+    assert state_digest(a) != state_digest(load_state_file(tmp_path / "a.pth", tiny_model.config))
+    assert len(state_digest(a)) == 64
 
 
 def good_file(cfg) -> dict:

@@ -9,6 +9,7 @@ the transposed load differs. State tuning trains no token-shift vectors, so att_
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import zipfile
@@ -92,3 +93,13 @@ def save_state_file(path: str | Path, state: RNNState) -> None:
         save_file(sd, str(path))
     else:
         torch.save(sd, path)
+
+
+def state_digest(state: RNNState) -> str:
+    """SHA-256 hex of a state's fp32 values (every tensor, in RNNState order): name stored states by the initial
+    state's content (e.g. StateKey.initial = f"{name}:{digest[:16]}"), so editing a state file never reuses
+    conversations that started from its old content."""
+    h = hashlib.sha256()
+    for t in state.tensors():
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
