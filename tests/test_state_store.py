@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+import engine.states.store as store_mod
+from engine.model.state import RNNState
 from engine.states import StateKey, StateStore, StoreConfig
 from engine.states.codec import KIND_RECORD, KIND_STATE, encode_state
 from tests.test_state_codec import CFG, random_state, same
@@ -262,3 +264,24 @@ def test_config_checks():
         StoreConfig(memory_bytes=-1)
     with pytest.raises(ValueError, match="redis_url"):
         StoreConfig(redis_url="http://localhost:6379")
+
+
+def test_a_write_too_big_for_a_tier_removes_the_older_version(make_store):
+    size = len(encode_state(key("x"), random_state(), created=time.time())) + 50
+    store = make_store(memory_bytes=2 * size, disk_bytes=2 * size)
+    store.put_state(key("r1"), random_state(), background=False)
+    big = type(CFG)(**{**vars(CFG), "n_layer": 6})
+    store.put_state(key("r1"), RNNState.zeros(big, 1), background=False)     # fits neither tier
+    assert store.get_state(key("r1"), CFG) is None and not blob_path(store, key("r1")).exists()
+
+
+def test_a_failed_background_write_is_logged_and_forgotten(make_store, monkeypatch, caplog):
+    store = make_store()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder broke")
+    monkeypatch.setattr(store_mod, "encode_state", broken)
+    store.put_state(key("r1"), random_state())
+    assert store.flush(10)
+    assert store.stats().pending == 0 and store.stats().writer.failed == 1
+    assert store.get_state(key("r1"), CFG) is None and "background write failed" in caplog.text

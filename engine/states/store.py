@@ -209,13 +209,15 @@ class StateStore:
 
     def _write_pending(self, digest: str, pending: _Pending) -> None:
         """On the writer thread: encode if needed, then write, unless a delete or a newer write came first."""
-        if pending.blob is None:
-            pending.blob = encode_state(pending.key, pending.state, created=pending.created)
-        with self._write_lock:
-            with self._lock:
-                if self._pending.get(digest) is not pending:
-                    return
-            self._write_tiers(digest, pending.blob, pending.created, pending.tiers)
+        try:
+            if pending.blob is None:
+                pending.blob = encode_state(pending.key, pending.state, created=pending.created)
+            with self._write_lock:
+                with self._lock:
+                    if self._pending.get(digest) is not pending:
+                        return
+                self._write_tiers(digest, pending.blob, pending.created, pending.tiers)
+        finally:                                   # written, superseded, or failed: lookups go to the tiers
             with self._lock:
                 if self._pending.get(digest) is pending:
                     del self._pending[digest]

@@ -53,6 +53,7 @@ class MemoryTier:
 
     def put(self, digest: str, blob: bytes, ttl_s: float | None = None) -> None:
         if len(blob) > self.max_bytes:
+            self.delete(digest)                          # never leave an older version behind
             return
         with self._lock:
             old = self._blobs.pop(digest, None)
@@ -146,6 +147,7 @@ class DiskTier:
 
     def put(self, digest: str, blob: bytes, ttl_s: float | None = None) -> None:
         if len(blob) > self.max_bytes:
+            self.delete(digest)                          # never leave an older version behind
             return
         path = self._path(digest)
         tmp = self._tmp / f"{digest}.{uuid.uuid4().hex}.tmp"
