@@ -70,7 +70,9 @@ function savePrefs() {
 }
 
 function applyPrefs(prefs) {
-  for (const name of ["system", ...Object.keys(PARAMS)]) if (typeof prefs[name] === "string") $(name).value = prefs[name];
+  for (const name of ["system", ...Object.keys(PARAMS)]) {
+    if (typeof prefs[name] === "string") $(name).value = prefs[name];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------- small DOM helpers
@@ -318,6 +320,7 @@ function setMode(mode) {
   $("mode-complete").setAttribute("aria-pressed", String(mode === "complete"));
   ui.transcript.hidden = mode !== "chat";
   ui.runs.hidden = mode === "chat";
+  $("system-field").hidden = mode !== "chat"; // a raw completion has no system prompt
   ui.input.placeholder = PLACEHOLDER[mode];
   ui.input.setAttribute("aria-label", mode === "chat" ? "Message" : "Prompt");
   $("new-chat").textContent = mode === "chat" ? "New chat" : "Clear";
@@ -353,7 +356,7 @@ function wire() {
   });
   ui.apiKey.addEventListener("change", () => setKey(ui.apiKey.value));
   $("forget-key").addEventListener("click", () => setKey(""));
-  for (const el of [ui.model, ui.system, ...Object.keys(PARAMS).map($)]) el.addEventListener("change", savePrefs);
+  for (const el of [ui.model, ui.system, ...Object.keys(PARAMS).map($)]) el.addEventListener("input", savePrefs);
 }
 
 function start() {
