@@ -146,7 +146,10 @@ function entryEl(entry, kind) {
     renderText(body, entry.text);
   }
   el.append(body);
-  if (entry.pending) el.classList.add("pending");
+  if (entry.pending) {
+    el.classList.add("pending");
+    el.setAttribute("aria-busy", "true"); // screen readers announce the answer once, not every frame
+  }
   if (entry.error) el.append(h("p", "error", entry.error.message));
   if (entry.stats) el.append(statsEl(entry.stats));
   entry.body = body;
