@@ -106,18 +106,24 @@ def create_app(engine, settings: Settings | None = None, info: ModelInfo | None 
             await state.drain()
 
     s = settings.server
+    from server import ui
+    assets = ui.load_assets() if s.ui else {}
     app = FastAPI(title="Goose", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="OpenAI-compatible API for RWKV-7 models", middleware=_middleware(state))
+                  description="OpenAI-compatible API for RWKV-7 models",
+                  middleware=_middleware(state, open_get=frozenset(assets)))
     app.state.goose = state
     errors.install(app)
     from server.routes import router
     app.include_router(router)
+    if assets:
+        app.include_router(ui.make_router(assets))
     app.openapi = lambda: _openapi(app, auth=bool(read_api_keys(s)))
     return app
 
 
-def _middleware(state: AppState) -> list[Middleware]:
-    """Outermost first: request id + metrics, CORS, Host guard, auth, body limit."""
+def _middleware(state: AppState, open_get: frozenset[str] = frozenset()) -> list[Middleware]:
+    """Outermost first: request id + metrics, CORS, Host guard, auth (open_get: paths GET needs no key for), body
+    limit."""
     s = state.settings.server
     stack = [Middleware(RequestContextMiddleware, metrics=state.metrics)]
     if s.cors_origins:
@@ -126,7 +132,7 @@ def _middleware(state: AppState) -> list[Middleware]:
                                 expose_headers=["x-request-id", "retry-after"]))
     allowed = s.allowed_hosts or (LOOPBACK_NAMES if s.loopback else ("*",))
     stack.append(Middleware(HostCheckMiddleware, allowed=tuple(allowed)))
-    stack.append(Middleware(AuthMiddleware, keys=read_api_keys(s)))
+    stack.append(Middleware(AuthMiddleware, keys=read_api_keys(s), open_get=open_get))
     stack.append(Middleware(BodyLimitMiddleware, limit=s.max_body_bytes))
     return stack
 

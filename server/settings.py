@@ -47,6 +47,9 @@ class ServerSettings:
     """A file with one API key per line (blank lines and # comments ignored), added to api_keys."""
     served_model_name: str = ""
     """The model id clients send and /v1/models lists; empty: goose.json's name, else the checkpoint's stem."""
+    ui: bool = True
+    """Serve the chat page at / (its files under /ui/ load without an API key; the /v1 calls it makes still need
+    one). false: / is 404."""
     cors_origins: tuple[str, ...] = ()
     """Origins allowed by CORS (exact, e.g. https://app.example); empty disables CORS."""
     allowed_hosts: tuple[str, ...] = ()
