@@ -376,3 +376,14 @@ def test_sparse_and_dense_mask_paths_agree(world_compiler, filler):
         for r, m in enumerate(matchers):
             finite = (a[r] > NEG_INF).nonzero().flatten().tolist()
             assert finite == (m.allowed_token_ids() if m else list(range(logits.shape[1])))
+
+
+def test_tool_arguments_take_only_the_declared_properties():
+    """Tool parameters that say nothing of additionalProperties are closed in the call grammar (nested objects too),
+    and what a schema says explicitly stays as it is."""
+    from engine.structured.lark import closed
+    schema = {"type": "object", "properties": {"q": {"type": "string"}, "opts": {"type": "object", "properties": {
+        "n": {"type": "integer"}}}, "free": {"type": "object", "properties": {}, "additionalProperties": True}}}
+    out = closed(schema)
+    assert out["additionalProperties"] is False and out["properties"]["opts"]["additionalProperties"] is False
+    assert out["properties"]["free"]["additionalProperties"] is True and "additionalProperties" not in schema

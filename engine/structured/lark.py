@@ -37,9 +37,26 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _inline_json(schema_json: str) -> str:
+def closed(schema):
+    """A copy of a schema whose objects that declare ``properties`` and say nothing of ``additionalProperties``
+    take no others. For tool arguments: a function takes the arguments it declares, and left open a small model
+    invents keys and values until max_tokens (JSON Schema's default, and what many chat UIs send)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out \
+            and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _inline_json(schema_json: str, *, close: bool = False) -> str:
     """``%json {...}`` for a schema, with our JSON options unless the schema sets its own."""
     schema = json.loads(schema_json)
+    if close:
+        schema = closed(schema)
     if isinstance(schema, dict) and "x-guidance" not in schema:
         schema = {"x-guidance": JSON_OPTIONS, **schema}
     return "%json " + json.dumps(schema, ensure_ascii=False)
@@ -59,7 +76,7 @@ def tools_lark(spec: ToolCalls) -> str:
     for i, tool in enumerate(spec.tools):
         prefix = '{"name": ' + json.dumps(tool.name, ensure_ascii=False) + ', "arguments": '
         lines.append(f"call_{i}: {_lit(prefix)} args_{i} " + _lit("}"))
-        lines.append(f"args_{i}: {_inline_json(tool.parameters)}")
+        lines.append(f"args_{i}: {_inline_json(tool.parameters, close=True)}")
         names.append(f"call_{i}")
     lines.append("call: " + " | ".join(names))
     block = "call" + (f" {_lit(fmt.end)}" if fmt.end else "")
