@@ -512,3 +512,33 @@ def test_bad_constraints_are_refused_at_submit(model):
         assert info.value.param == "ignore_eos"
         return eng.is_alive
     assert run_engine(model, body)
+
+
+def test_constraints_with_n_logprobs_stop_strings_and_abort(model):
+    """n > 1 sequences each follow the grammar on their own; logprobs come back for constrained tokens; a stop
+    string still ends the text; aborting a constrained request frees its slots."""
+    import re
+
+    from engine import Regex
+    pattern = r"(ab|cd)+x[0-9]{3}"
+
+    async def body(eng):
+        toks, text, fin, lps, _ = await collect(eng, GenerateRequest(
+            prompt(5), SamplingParams(max_tokens=30, seed=1, logprobs=2), n=3, constraint=Regex(pattern, "regex")))
+        stopped = await collect(eng, GenerateRequest(
+            prompt(5), SamplingParams(max_tokens=30, seed=1, stop=("x",)), constraint=Regex(pattern, "regex")))
+        gen = eng.generate(GenerateRequest(prompt(5), SamplingParams(max_tokens=500, seed=2), n=2,
+                                           constraint=Regex("(ab)+", "regex")))
+        await gen.__anext__()
+        await gen.aclose()
+        for _ in range(100):
+            if eng.stats().slots_used == 0:
+                break
+            await asyncio.sleep(0.02)
+        return (toks, text, fin, lps), stopped, eng.stats()
+    (toks, text, fin, lps), stopped, stats = run_engine(model, body)
+    assert len(text) == 3 and all(re.fullmatch(pattern, text[i]) for i in range(3))
+    assert all(fin[i] is FinishReason.STOP for i in range(3))
+    assert all(len(lps[i]) == len(toks[i]) and all(lp.top for lp in lps[i]) for i in range(3))
+    assert re.fullmatch(r"(ab|cd)+", stopped[1][0]) and stopped[2][0] is FinishReason.STOP
+    assert stats.slots_used == 0 and stats.running == 0
