@@ -23,7 +23,7 @@ from kernels.native_build import (
     status,
 )
 
-__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "shift_mix", "sample_rows", "build_dir",
+__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "shift_mix", "sample_rows", "apply_token_mask", "build_dir",
            "SOURCE"]
 
 _MIX_DTYPES = {torch.float32: 0, torch.bfloat16: 1}    # the dtypes rows come and go in (flag values for C)
@@ -174,3 +174,21 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor
         load().sample_rows(R, V, logits.data_ptr(), logits.stride(0), inv_t.data_ptr(), u.data_ptr(),
                            out.data_ptr())
     return out
+
+
+def apply_token_mask(logits: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> None:
+    """In place: for each mask row m, the logits of row ``rows[m]`` whose bit in ``bits[m]`` is clear become -inf
+    (bit k of word j is token 32 j + k; tokens past the mask's width too). ``logits`` float32 [B, V] with
+    contiguous rows, ``rows`` int64 [M], ``bits`` int32 [M, W]. Raises NativeUnavailable without the library."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
+        raise ValueError(f"logits must be float32 CPU rows [B, V] with contiguous rows, got {tuple(logits.shape)} "
+                         f"{logits.dtype} on {logits.device}")
+    rows = rows.to(torch.int64).contiguous()
+    bits = bits.to(torch.int32).contiguous()
+    if bits.dim() != 2 or rows.shape != (bits.shape[0],) or (rows.numel() and not
+                                                               (0 <= int(rows.min()) <= int(rows.max()) < logits.shape[0])):
+        raise ValueError(f"rows {tuple(rows.shape)} and bits {tuple(bits.shape)} do not fit logits "
+                         f"{tuple(logits.shape)}")
+    if rows.numel() and logits.shape[1]:
+        load().apply_token_mask(rows.numel(), logits.shape[1], logits.data_ptr(), logits.stride(0), rows.data_ptr(),
+                                bits.data_ptr(), bits.shape[1])

@@ -36,7 +36,7 @@ __all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", 
 log = logging.getLogger("goose.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
-ABI_VERSION = 5
+ABI_VERSION = 6
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
 _OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
 
@@ -67,6 +67,9 @@ class _Lib:
         lib.goose_sample_rows.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr]
         lib.goose_sample_rows.restype = None
         self.sample_rows = lib.goose_sample_rows
+        lib.goose_apply_token_mask.argtypes = [i64, i64, ptr, i64, ptr, ptr, i64]
+        lib.goose_apply_token_mask.restype = None
+        self.apply_token_mask = lib.goose_apply_token_mask
         self._handle = lib
 
 
@@ -190,10 +193,16 @@ def _self_test(lib: _Lib) -> None:
     logits = torch.full((3, 300), float("-inf"))
     logits[0, 123], logits[1, 7], logits[1, 299] = 0.0, 5.0, -30.0
     picked = torch.empty(3, dtype=torch.int64)
-    lib.sample_rows(3, 300, logits.data_ptr(), 300, torch.ones(3).data_ptr(), torch.full((3,), 0.5).data_ptr(),
-                    picked.data_ptr())
+    inv_t, u = torch.ones(3), torch.full((3,), 0.5)        # named: a temporary's memory is freed before the call
+    lib.sample_rows(3, 300, logits.data_ptr(), 300, inv_t.data_ptr(), u.data_ptr(), picked.data_ptr())
     if picked.tolist() != [123, 7, -1]:
         raise NativeUnavailable(f"{lib.path} gives wrong results (sampler: {picked.tolist()})")
+    logits = torch.zeros(2, 70)
+    bits = torch.tensor([[0x7FFFFFFF, 0, 0x1]], dtype=torch.int32)       # tokens 0..30 and 64 of row 1
+    rows = torch.tensor([1])
+    lib.apply_token_mask(1, 70, logits.data_ptr(), 70, rows.data_ptr(), bits.data_ptr(), 3)
+    if not (torch.isfinite(logits[1]).nonzero().flatten().tolist() == [*range(31), 64] and bool(logits[0].eq(0).all())):
+        raise NativeUnavailable(f"{lib.path} gives wrong results (token mask)")
 
 
 _lock = threading.Lock()

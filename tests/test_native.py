@@ -302,3 +302,22 @@ def test_sampling_without_native_kernels(monkeypatch, fresh_native):
         runs.append([sample(x, rows, want_logprobs=False)[0] for _ in range(20)])
     assert runs[0] == runs[1]
     assert not native.available()
+
+
+def test_token_mask_kernel_matches_the_torch_paths():
+    """The native mask (engine/structured/masks.py's fast path) equals the torch dense and sparse paths: every
+    allowed logit kept, every other one -inf, rows without a mask untouched, vocabularies not a multiple of 32."""
+    from engine.structured.masks import MaskBatch, _apply_dense, _apply_sparse
+    g = torch.Generator().manual_seed(11)
+    for V, words in ((65536, 2048), (4100, 129), (70, 2)):
+        logits = torch.randn(6, V, generator=g)
+        bits = torch.randint(-2**31, 2**31 - 1, (3, words), generator=g, dtype=torch.int64).to(torch.int32)
+        bits[0, : words // 2] = -1                                    # all-ones words
+        bits[1, : words // 3] = 0                                     # all-zero words
+        batch = MaskBatch([0, 2, 5], bits)
+        got, dense, sparse = logits.clone(), logits.clone(), logits.clone()
+        native.apply_token_mask(got, torch.tensor(batch.rows), bits)
+        _apply_dense(dense, batch)
+        _apply_sparse(sparse, batch)
+        assert torch.equal(got, dense) and torch.equal(got, sparse)
+        assert torch.equal(got[[1, 3, 4]], logits[[1, 3, 4]])

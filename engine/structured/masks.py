@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import llguidance
 import torch
 
+from kernels import native
+
 from engine.structured.matcher import Matcher
 
 # [256, 8] float32: for a mask byte, 0 where its bit i is set (allowed) and -inf where not. Adding these rows to
@@ -63,10 +65,14 @@ class MaskFiller:
 def apply_mask(logits: torch.Tensor, batch: MaskBatch | None) -> None:
     """Set the disallowed logits of the constrained rows to -inf, in place. ``logits`` is [B, V] float32 on the
     CPU with B = the length of the list given to fill; columns past the grammar's vocabulary are masked too.
+    The native kernel does it in one pass over each mask when it is loaded (kernels/native.py); else:
 
     Masks inside JSON usually allow a handful of tokens, so when few mask words are non-zero the allowed logits
     are saved, the rows filled with -inf and the saved values put back; otherwise a 0/-inf bias is added."""
     if batch is None:
+        return
+    if logits.dtype == torch.float32 and logits.stride(1) == 1 and native.available():
+        native.apply_token_mask(logits, torch.tensor(batch.rows), batch.bits)   # one pass over each mask
         return
     if int(torch.count_nonzero(batch.bits)) * SPARSE_BELOW <= batch.bits.numel():
         _apply_sparse(logits, batch)

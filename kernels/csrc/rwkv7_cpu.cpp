@@ -24,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
+#include <limits>
 
 namespace {
 
@@ -324,7 +326,7 @@ int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
 extern "C" {
 
 // Bumped whenever a signature below changes; kernels/native_build.py refuses a library reporting another number.
-int goose_abi_version() { return 5; }
+int goose_abi_version() { return 6; }
 
 int64_t goose_max_head_size() { return kMaxHeadSize; }
 
@@ -418,6 +420,35 @@ void goose_sample_rows(int64_t R, int64_t V, const float *x, int64_t stride, con
         float *sums = nb <= kStackBlocks ? local : static_cast<float *>(std::malloc(sizeof(float) * nb));
         out[row] = sums == nullptr ? -2 : sample_row(V, x + row * stride, inv_temperature[row], u[row], sums);
         if (sums != local) std::free(sums);
+    }
+}
+
+// Token masks of constrained rows: bit k of word j of mask row m allows token 32 j + k of logits row rows[m];
+// every other token of that row (past the mask's width too) becomes -inf. A word of all ones (JSON strings
+// allow most tokens) is skipped and a zero word is 32 stores, so a row costs about one pass over its mask.
+void goose_apply_token_mask(int64_t M, int64_t V, float *x, int64_t stride, const int64_t *rows,
+                            const uint32_t *bits, int64_t words) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        float *row = x + rows[m] * stride;
+        const uint32_t *w = bits + m * words;
+        const int64_t full = std::min(words, V / 32);
+        for (int64_t j = 0; j < full; ++j) {
+            const uint32_t b = w[j];
+            float *t = row + 32 * j;
+            if (b == 0xFFFFFFFFu) continue;
+            if (b == 0) {
+                for (int k = 0; k < 32; ++k) t[k] = ninf;
+                continue;
+            }
+            for (int k = 0; k < 32; ++k)
+                if (!((b >> k) & 1u)) t[k] = ninf;
+        }
+        for (int64_t tok = 32 * full; tok < V; ++tok) {
+            const int64_t j = tok / 32;
+            if (j >= words || !((w[j] >> (tok % 32)) & 1u)) row[tok] = ninf;
+        }
     }
 }
 
