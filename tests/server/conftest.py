@@ -94,4 +94,16 @@ def sse_events(text: str) -> list:
     return out
 
 
-__all__ = ["MODEL", "make_settings", "openai_client", "replace", "serve", "sse_events"]
+def terminate(proc, timeout: float = 30) -> None:
+    """SIGTERM a server process (it drains and exits), killing it if it has not ended in ``timeout`` s."""
+    import signal
+    import subprocess
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+__all__ = ["MODEL", "terminate", "make_settings", "openai_client", "replace", "serve", "sse_events"]

@@ -13,6 +13,7 @@ import pytest
 
 from bench.random_checkpoint import write_checkpoint
 from server.serve import main
+from tests.server.conftest import terminate
 from tests.server.test_e2e import SHAPE
 
 
@@ -155,12 +156,7 @@ def test_overload_answers_only_200_and_429(tmp_path, model_dir):
     try:
         answers, health, after, metrics = asyncio.run(load())
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
     reader.join(timeout=5)
     statuses = [s for s, _ in answers]
     assert set(statuses) <= {200, 429}, statuses
