@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_serializer
 
-from server.protocol import NonNegInt, OpenAIRequest, PosInt, Seed, Strict
+from server.output import Strict
+from server.protocol import NonNegInt, OpenAIRequest, PosInt, Seed
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "queued", "incomplete"]
