@@ -78,6 +78,18 @@ def test_chunks_end_on_alignment_boundaries():
     assert ends == [64, 128, 192, 256, 300]
 
 
+def test_chunks_end_at_snapshot_points_before_alignment():
+    s = make(prefill_chunk=100, step_token_budget=1000, align=64)
+    s.add("a", 300, n=1, stops=(30, 150))
+    s.admit()
+    ends = []
+    while s.groups["a"].phase is Phase.PREFILL:
+        (gid, n), = s.plan().prefill
+        s.prefilled(gid, n)
+        ends.append(s.groups["a"].position)
+    assert ends == [30, 128, 150, 192, 256, 300]
+
+
 def test_finish_and_remove_return_slots():
     s = make()
     s.add("a", 4, n=2)
