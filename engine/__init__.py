@@ -33,7 +33,7 @@ from engine.formats.state_file import load_state_file
 from engine.prefix_hash import ConvState, TokenPrefix
 from engine.states import StateKey, StateStore, StoreConfig, StoreStats, TierStats
 from engine.streams import RequestStream
-from engine.text import ChatTemplate, load_tokenizer, render_chat
+from engine.text import ChatTemplate, Segment, load_tokenizer, render_chat, render_segments
 from engine.structured import (Choice, CompiledGrammar, Constraint, Grammar, GrammarCompiler, GrammarLimits, JsonObject,
                                JsonSchema, MaskBatch, MaskFiller, Matcher, Regex, ToolCalls, apply_mask)
 from engine.text import (ArgumentsDelta, CallStart, ContentDelta, ParsedReply, ToolCall, ToolCallStream, ToolFormat,
@@ -43,7 +43,8 @@ __all__ = ["EngineConfig", "ModelConfig", "AsyncEngine", "RequestStream", "Conte
            "EngineDraining", "EngineError", "InvalidRequest", "ModelLoadError", "Overloaded", "RequestFailed",
            "RWKV7", "load_model", "EngineStats", "FinishReason", "GenerateRequest", "RequestOutput",
            "SamplingParams", "SequenceOutput", "TokenLogprob", "RNNState", "Strategy", "parse_strategy",
-           "load_tokenizer", "ChatTemplate", "render_chat", "MAX_LOGPROBS", "MAX_N", "MAX_STOP", "MAX_STOP_LEN",
+           "load_tokenizer", "ChatTemplate", "render_chat", "render_segments", "Segment", "MAX_LOGPROBS", "MAX_N",
+           "MAX_STOP", "MAX_STOP_LEN",
            "SEED_MIN", "SEED_MAX", "tune_malloc", "call_in_new_thread", "acall_in_new_thread",
            "Choice", "CompiledGrammar", "Constraint", "Grammar", "GrammarCompiler", "GrammarLimits", "JsonObject",
            "JsonSchema", "MaskBatch", "MaskFiller", "Matcher", "Regex", "ToolCalls", "apply_mask",

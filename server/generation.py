@@ -64,6 +64,9 @@ class Generation:
     t0: float = field(default_factory=time.perf_counter)
     totals: Totals = field(default_factory=Totals)
     timed_out: bool = False
+    keep: bool = False                 # collect each choice's token ids and the engine's kept states (below)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    states: dict[int, object] = field(default_factory=dict)     # choice -> engine.ConvState (keep_state requests)
 
     @property
     def model(self) -> str:
@@ -95,6 +98,11 @@ class Generation:
                         if self.echo:
                             batch += await asyncio.to_thread(self._echo, p, out.prompt_logprobs)
                     batch += [self._delta(p, so, state) for so in out.outputs]
+                    if self.keep:
+                        for so in out.outputs:
+                            self.token_ids.setdefault(p * self.n + so.index, []).extend(so.token_ids)
+                        if out.state is not None:
+                            self.states[p * self.n] = out.state
                     yield batch
             self._finished(state)
         finally:

@@ -28,12 +28,12 @@ class StoreConfig:
     """Where stored states and records live and for how long."""
     memory_bytes: int = 256 << 20
     """Process memory for the most recently used states and records (LRU); 0 turns the memory tier off."""
-    disk_dir: str | None = None
-    """A local directory (created if missing) that keeps states and records across restarts; None: no disk tier."""
+    disk_dir: str | None = ""
+    """A local directory (created if missing) that keeps states and records across restarts; empty: no disk tier."""
     disk_bytes: int = 8 << 30
     """Byte budget of disk_dir; the least recently used files are deleted beyond it."""
-    redis_url: str | None = None
-    """redis://host:port/db shared by replicas (needs the `redis` extra); None: no Redis tier."""
+    redis_url: str | None = ""
+    """redis://host:port/db shared by replicas (needs the `redis` extra); empty: no Redis tier."""
     redis_prefix: str = "goose:"
     """Prefix of every Redis key this store writes."""
     ttl_s: float = 30 * 24 * 3600.0
@@ -53,7 +53,7 @@ class StoreConfig:
                 raise ValueError(f"states.{name} must be >= 0, got {getattr(self, name)}")
         if self.redis_timeout_s <= 0:
             raise ValueError(f"states.redis_timeout_s must be > 0, got {self.redis_timeout_s}")
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"states.redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
 
 
