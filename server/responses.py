@@ -2,7 +2,7 @@
 /v1/responses/{id}, GET /v1/responses/{id}/input_items. The work is in server/responses_run.py."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -47,6 +47,10 @@ async def remove_response(response_id: str, request: Request):
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList, responses=READ_ERRORS)
-async def input_items(response_id: str, request: Request, query: Annotated[InputItemsQuery, Query()]):
+async def input_items(response_id: str, request: Request, after: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=100)] = 20, order: Literal["asc", "desc"] = "desc",
+                      include: Annotated[list[str] | None, Query()] = None):
+    """This response's own input items (not those of the responses before it), newest first by default."""
     record = await get_record(ready(request), response_id)
+    query = InputItemsQuery(after=after, limit=limit, order=order, include=include)
     return _json(page_input_items(record.input, query))

@@ -66,7 +66,8 @@ def _structured(req: ResponsesRequest, template) -> StructuredRequest:
     if req.tools:
         body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                          for t in req.tools]
-        choice = req.tool_choice
+    choice = req.tool_choice
+    if req.tools or choice != "auto":        # "auto" is the default, with or without tools
         body["tool_choice"] = choice if isinstance(choice, str) else {"type": "function",
                                                                       "function": {"name": choice.name}}
     fmt = req.text.format if req.text is not None else None
