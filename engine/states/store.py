@@ -1,6 +1,7 @@
 """StateStore: RNN states and small JSON records by (model identity, initial state, key), in up to three tiers.
 
-Lookups try memory, then the local directory, then Redis, and copy a hit into the faster tiers. Writes go
+Lookups try memory, then the local directory, then Redis, and copy a hit into the faster tiers (records live only
+in Redis when it is configured, so no replica reads a stale copy). Writes go
 through to every tier; put_state(background=True) costs the caller one copy of the state (the snapshot),
 and a writer thread encodes and writes it, while lookups already see it. Anything wrong with a stored copy
 (damaged, truncated, another model's, expired) is a miss and the copy is deleted.
@@ -92,6 +93,9 @@ class StateStore:
         self.redis = (RedisTier(config.redis_url, prefix=config.redis_prefix, timeout_s=config.redis_timeout_s,
                                 retry_s=config.redis_retry_s) if config.redis_url else None)
         self.tiers = [t for t in (self.memory, self.disk, self.redis) if t is not None]
+        self.record_tiers = [self.redis] if self.redis is not None else self.tiers
+        """Records live only in Redis when there is one: replicas then never read a stale local copy of a record
+        another replica deleted or replaced."""
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()            # guards _pending and the counters below
         self._write_lock = threading.Lock()      # orders tier writes against deletes
@@ -137,7 +141,7 @@ class StateStore:
         created = self._clock()
         blob = encode_record(key, record, created=created)
         if background:
-            self._submit(_Pending(KIND_RECORD, key, created, blob=blob, tiers=tuple(self.tiers)), len(blob))
+            self._submit(_Pending(KIND_RECORD, key, created, blob=blob, tiers=tuple(self.record_tiers)), len(blob))
         else:
             self._write_now(KIND_RECORD, key, blob, created)
 
@@ -151,7 +155,8 @@ class StateStore:
             pending = self._pending.get(digest)
         if pending is not None:
             return from_pending(pending)
-        for i, tier in enumerate(self.tiers):
+        tiers = self.record_tiers if kind == KIND_RECORD else self.tiers
+        for i, tier in enumerate(tiers):
             blob = tier.get(digest)
             if blob is None:
                 tier.count("misses")
@@ -168,7 +173,7 @@ class StateStore:
                 self._discard(tier, digest, "corrupt")
                 continue
             tier.count("hits")
-            self._promote(kind, key, digest, blob, created, self.tiers[:i])
+            self._promote(kind, key, digest, blob, created, tiers[:i])
             return value
         return None
 
@@ -227,7 +232,7 @@ class StateStore:
         with self._write_lock:
             with self._lock:
                 self._pending.pop(digest, None)    # an older queued write must not land after this one
-            self._write_tiers(digest, blob, created, self.tiers)
+            self._write_tiers(digest, blob, created, self.record_tiers if kind == KIND_RECORD else self.tiers)
 
     def _write_tiers(self, digest: str, blob: bytes, created: float, tiers) -> None:
         ttl = self._ttl_left(created)
