@@ -94,9 +94,12 @@ async def conversation(server: Server, tokenizer, model: str, turns: int, new_to
                        chained: bool) -> list[dict]:
     rows, items, prev = [], [], None
     async with httpx.AsyncClient(base_url=server.base, timeout=600) as http:
-        for i in range(3):                 # warm up: first calls of kernels, allocator, the tokenizer
-            await ttft(http, {"model": model, "input": user_message(tokenizer, 100 + i, new_tokens),
-                              "max_output_tokens": max_output, "store": False})
+        warm = None                        # warm up: first calls of kernels, allocator, tokenizer, store
+        for i in range(6):
+            body = {"model": model, "input": user_message(tokenizer, 100 + i, new_tokens),
+                    "max_output_tokens": max_output, "store": chained}
+            _, final = await ttft(http, {**body, "previous_response_id": warm} if chained else body)
+            warm = final["id"]
         for turn in range(turns):
             text = user_message(tokenizer, turn, new_tokens)
             items.append({"role": "user", "content": text})
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=40, help="tokens of each user message (about)")
     ap.add_argument("--max-output-tokens", type=int, default=40)
     ap.add_argument("--config", default=str(ROOT / "config.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a setting for both servers (goose serve --set); repeatable")
     ap.add_argument("--json", action="store_true", help="print every turn as JSON lines too")
     args = ap.parse_args(argv)
     from server.serve import load_engine
@@ -170,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.config)
     engine, info = load_engine(settings)
     shape = (args.turns, args.new_tokens, args.max_output_tokens)
-    chained = run(args.config, [], engine.tokenizer, info.name, *shape, chained=True)
-    resend = run(args.config, ["engine.prefix_cache_bytes=0", "states.memory_bytes=0", "states.disk_dir=''",
+    chained = run(args.config, args.set, engine.tokenizer, info.name, *shape, chained=True)
+    resend = run(args.config, args.set + ["engine.prefix_cache_bytes=0", "states.memory_bytes=0", "states.disk_dir=''",
                                "states.redis_url=''"], engine.tokenizer, info.name, *shape, chained=False)
     if args.json:
         for a, b in zip(chained, resend):
