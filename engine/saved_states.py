@@ -72,6 +72,11 @@ class SavedStates:
         """True when there is a store with at least one tier to look in."""
         return self.store is not None and bool(self.store.tiers)
 
+    @property
+    def persistent(self) -> bool:
+        """True when the store has a tier beyond this process's memory (a directory or Redis)."""
+        return self.store is not None and (self.store.disk is not None or self.store.redis is not None)
+
     def key(self, initial: str, prefix: TokenPrefix) -> StateKey:
         return StateKey(self.identity, self.initials[initial][0], prefix.digest)
 

@@ -10,6 +10,7 @@ the whole conversation computes.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from engine import ConvState, GenerateRequest, SamplingParams, render_segments
 
 log = logging.getLogger("goose.server")
+_closing: set[asyncio.Task] = set()      # chat turns being closed in the background (kept from the GC)
 
 
 @dataclass
@@ -66,3 +68,27 @@ async def close_turn(engine, *, initial: str, start: ConvState | None, prompt: l
     except Exception as exc:  # noqa: BLE001 - an optimisation failed (overload, shutdown): the text path remains
         log.warning("closing a turn's state failed: %s: %s", type(exc).__name__, exc)
         return None
+
+
+def close_chat_later(ctx, *, messages: list[dict], tools, prompt: list[int], initial: str):
+    """An on_done for a chat Generation (n = 1, keep=True): store the state after its reply in the background,
+    so a client that resends the whole conversation to any replica sharing the store resumes after the reply."""
+    def done(gen) -> None:
+        kept, text = gen.states.get(0), gen.texts.get(0)
+        if kept is None or text is None:
+            return
+        task = asyncio.ensure_future(_close_chat(ctx, messages, tools, prompt, initial, gen, kept, text))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+    return done
+
+
+async def _close_chat(ctx, messages, tools, prompt, initial, gen, kept, text) -> None:
+    reply = messages + [{"role": "assistant", "content": text}]
+    turn = await asyncio.to_thread(chat_prompt, ctx.engine.tokenizer, ctx.info.template, reply, tools,
+                                   generation=False)
+    conv = await close_turn(ctx.engine, initial=initial, start=None, prompt=prompt, output=gen.token_ids.get(0, []),
+                            kept=kept, turn=turn.tokens)
+    if conv is not None:
+        ctx.engine.states.save(conv)
+

@@ -7,7 +7,7 @@ import time
 import uuid
 
 from engine import Choice, GenerateRequest, Grammar, InvalidRequest, Overloaded, Regex, SamplingParams
-from server.conversation import ChatPrompt, chat_prompt
+from server.conversation import ChatPrompt, chat_prompt, close_chat_later
 from server.errors import ModelNotFound
 from server.structured import structured_request
 from server.generation import Generation
@@ -86,13 +86,13 @@ def new_id(prefix: str) -> str:
 
 
 async def _submit(ctx, gen: Generation, params: SamplingParams, prompt_param: str, constraint=None, *,
-                  initial: str = "", boundaries: tuple[int, ...] = ()) -> Generation:
+                  initial: str = "", boundaries: tuple[int, ...] = (), keep_state: bool = False) -> Generation:
     try:
         for p, ids in enumerate(gen.prompts):
             rid = gen.id if len(gen.prompts) == 1 else f"{gen.id}-{p}"
             gen.streams.append(await ctx.engine.submit(
                 GenerateRequest(prompt_tokens=ids, params=params, n=gen.n, request_id=rid, constraint=constraint,
-                                initial=initial, boundaries=boundaries)))
+                                initial=initial, boundaries=boundaries, keep_state=keep_state)))
     except BaseException as exc:
         for stream in gen.streams:
             await stream.aclose()
@@ -136,10 +136,16 @@ async def start_chat(ctx, req: ChatRequest) -> Generation:
     # a regex, choice or grammar says exactly where the reply ends: the template's turn stops would cut it
     own_form = isinstance(structured.constraint, (Regex, Choice, Grammar))
     params = sampling_params(req, ctx, max_tokens=max_tokens, logprobs=k, extra_stop=() if own_form else template.stop)
+    # a reply's state is worth storing where other replicas or a restart can find it (plain replies: n = 1, no calls)
+    states = getattr(ctx.engine, "states", None)
+    keep = req.n == 1 and not structured.parse_tools and states is not None and states.persistent
     gen = Generation(ctx, new_id("chatcmpl"), int(time.time()), [], [prompt.tokens], req.n, logprobs=k,
-                     tools=template.tools if structured.parse_tools else None)
+                     tools=template.tools if structured.parse_tools else None, keep=keep)
+    if keep:
+        gen.on_done = close_chat_later(ctx, messages=messages, tools=structured.tools, prompt=prompt.tokens,
+                                       initial=initial)
     return await _submit(ctx, gen, params, "messages", structured.constraint, initial=initial,
-                         boundaries=prompt.boundaries)
+                         boundaries=prompt.boundaries, keep_state=keep)
 
 
 def _chat_tokens(ctx, messages: list[dict], tools) -> ChatPrompt:

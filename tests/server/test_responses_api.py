@@ -277,3 +277,27 @@ async def test_function_calls_and_their_outputs_continue_the_conversation(models
     async with app(model, bpe, store=None, prefix_cache_bytes=0) as (_, client):
         cold = await client.responses.create(**greedy(input=items, tools=tools, store=False))
     assert cold.output_text == r2.output_text and cold.usage.input_tokens == r2.usage.input_tokens
+
+
+async def test_a_chat_reply_state_is_stored_for_whole_history_resends(models, bpe, tmp_path):
+    """With a directory or Redis tier, a chat reply's state is stored (after the response, in the background):
+    another server sharing the store resumes a whole-history resend after that reply."""
+    import asyncio
+    model, _ = models
+    disk = StoreConfig(memory_bytes=0, disk_dir=str(tmp_path / "chat"), fsync=False)
+    first = [{"role": "user", "content": "Good morning"}]
+    async with app(model, bpe, store=disk) as (http, client):
+        r1 = await client.chat.completions.create(model=MODEL, messages=first, max_tokens=12, temperature=0)
+        for _ in range(200):
+            if http.engine.store_stats().tiers["disk"].writes:
+                break
+            await asyncio.sleep(0.02)
+        assert http.engine.states.store.flush(10)
+    history = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                       {"role": "user", "content": "numbers"}]
+    async with app(model, bpe, store=disk, prefix_cache_bytes=0) as (_, client):
+        r2 = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=12, temperature=0)
+    async with app(model, bpe, store=None, prefix_cache_bytes=0) as (_, client):
+        cold = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=12, temperature=0)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+    assert r2.choices[0].message.content == cold.choices[0].message.content

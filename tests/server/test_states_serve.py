@@ -107,6 +107,18 @@ def test_two_servers_sharing_redis_continue_each_others_conversations(tmp_path, 
         assert whole.usage.input_tokens_details.cached_tokens >= history_of(r1)
         chat = b.client.chat.completions.create(model=MODEL, messages=items, max_tokens=12, temperature=0)
         assert chat.usage.prompt_tokens_details.cached_tokens >= history_of(r1)
+        # a plain chat conversation too: a's reply state is stored in Redis (in the background) ...
+        before = len(redis.client.keys("test:*"))
+        first = [{"role": "user", "content": "It is a truth"}]
+        c1 = a.client.chat.completions.create(model=MODEL, messages=first, max_tokens=12, temperature=0)
+        deadline = time.monotonic() + 10
+        while len(redis.client.keys("test:*")) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # ... so b, sent the whole history, resumes after that reply
+        history = first + [{"role": "assistant", "content": c1.choices[0].message.content},
+                           {"role": "user", "content": "numbers"}]
+        c2 = b.client.chat.completions.create(model=MODEL, messages=history, max_tokens=12, temperature=0)
+        assert c2.usage.prompt_tokens_details.cached_tokens >= c1.usage.prompt_tokens + c1.usage.completion_tokens - 1
         # and a conversation continued on b continues on a
         r3 = a.client.responses.create(input="more", previous_response_id=on_b.id, **GREEDY)
         assert r3.usage.input_tokens_details.cached_tokens >= history_of(on_b)
