@@ -46,7 +46,8 @@ async def remove_response(response_id: str, request: Request):
     return _json(ResponseDeleted(id=response_id))
 
 
-@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList, responses=READ_ERRORS)
+@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList,
+            responses={**READ_ERRORS, 400: READ_ERRORS[404]})
 async def input_items(response_id: str, request: Request, after: str | None = None,
                       limit: Annotated[int, Query(ge=1, le=100)] = 20, order: Literal["asc", "desc"] = "desc",
                       include: Annotated[list[str] | None, Query()] = None):
