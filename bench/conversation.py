@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"chained": a, "resend": b}))
     n = args.turns
     first, last = range(1, 6), range(max(1, n - 4), n + 1)
-    print(f"| turn | history tokens | TTFT chained (ms) | cached tokens | TTFT resend, cache off (ms) |")
+    print("| turn | history tokens | TTFT chained (ms) | cached tokens | TTFT resend, cache off (ms) |")
     print("|---|---|---|---|---|")
     for a, b in zip(chained, resend):
         if a["turn"] in (1, 2, 5, 10, 20, 30, 40, n) or a["turn"] % 10 == 0:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bench.random_checkpoint import CheckpointShape, write_checkpoint
-from engine import (AsyncEngine, EngineConfig, GenerateRequest, InvalidRequest, SamplingParams, StateStore,
-                    StoreConfig, TokenPrefix, load_model)
-from tests.test_engine import TOK, collect, prompt
+from engine import GenerateRequest, InvalidRequest, SamplingParams, StateStore, StoreConfig, TokenPrefix, load_model
+from tests.test_engine import collect, prompt
+from tests.test_engine import run_engine as run
 
 SHAPE = CheckpointShape(n_layer=2, n_embd=64, head_size=32, vocab_size=65536, decay_lora=16, iclr_lora=16,
                         value_lora=16, gate_lora=16, logit_scale=4.0)
@@ -21,20 +21,6 @@ def models(tmp_path_factory):
     write_checkpoint(d / "a.pth", SHAPE, seed=3)
     write_checkpoint(d / "b.pth", SHAPE, seed=4)
     return load_model(d / "a.pth", "cpu fp32"), load_model(d / "b.pth", "cpu fp32")
-
-
-def run(model, body, *, store=None, initials=None, **config):
-    async def main():
-        eng = AsyncEngine(model, TOK, EngineConfig(**{"max_sessions": 8, "step_token_budget": 256,
-                                                      "prefill_chunk": 64, **config}), store=store)
-        for name, state in (initials or {}).items():
-            eng.states.add_initial(name, state)
-        eng.start()
-        try:
-            return await body(eng)
-        finally:
-            await eng.stop(drain_timeout=5)
-    return asyncio.run(main())
 
 
 def greedy_path(model, tokens, steps, state=None):
