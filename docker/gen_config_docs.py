@@ -6,7 +6,7 @@
     python docker/gen_config_docs.py --check    # exit 1 (and show a diff) when README.md's table is stale
 
 One row per field of server.settings' sections (model = ModelSettings, server = ServerSettings,
-engine = engine.EngineConfig), in declaration order: the key, its type and default (from the dataclass), its
+engine = engine.EngineConfig, states = engine.StoreConfig), in declaration order: the key, its type and default (from the dataclass), its
 GOOSE_* variable and alias (server.settings' naming rule), its `goose serve` flag (server.serve.FLAGS), and the
 field's docstring. tests/test_deploy.py runs --check's comparison.
 """
@@ -53,10 +53,13 @@ def _default(f):
 
 
 def _type_name(value) -> str:
-    return {tuple: "list of str", str: "str", int: "int", float: "float", bool: "bool"}[type(value)]
+    return {tuple: "list of str", dict: "map of str", str: "str", int: "int", float: "float",
+            bool: "bool"}[type(value)]
 
 
 def _show(value) -> str:
+    if isinstance(value, dict):
+        return "`{}`" if not value else "`{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}`"
     if isinstance(value, tuple):
         return "`[]`" if not value else "`[" + ", ".join(value) + "]`"
     if isinstance(value, str):

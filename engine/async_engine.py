@@ -12,7 +12,10 @@ from engine.core import EngineCore
 from engine.embeddings import POOLINGS, EmbedJob
 from engine.errors import ContextLengthExceeded, EngineDead, InvalidRequest
 from engine.model.threads import call_in_new_thread
+from engine.prefix_hash import PrefixHashes, TokenPrefix
 from engine.request import EngineStats, GenerateRequest
+from engine.saved_states import SavedStates
+from engine.states import StateStore, StoreStats
 from engine.streams import RequestStream, Sink
 from engine.structured import CompiledGrammar, Constraint, GrammarCompiler
 from engine.update import Group
@@ -21,7 +24,7 @@ from engine.update import Group
 class AsyncEngine:
     """Continuous batching over a fixed pool of RNN states; one background thread runs every model call."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), *, store: StateStore | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -35,6 +38,8 @@ class AsyncEngine:
         self._threads_in_use = 0
         self._compiler: GrammarCompiler | None = None
         self._compiler_lock = threading.Lock()
+        self.states = SavedStates(model, self.core.initials, self.core.cache, store)
+        """Initial states and stored conversation states (engine/saved_states.py)."""
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -62,6 +67,7 @@ class AsyncEngine:
         core.wake.set()
         if self._thread is not None:
             await loop.run_in_executor(None, self._thread.join)
+        await asyncio.to_thread(self.states.close)        # the queued state writes land before we return
 
     @property
     def fingerprint(self) -> str:
@@ -85,8 +91,14 @@ class AsyncEngine:
         grammar = None
         if request.constraint is not None:          # CPU work (bounded by GrammarLimits): never on the event loop
             grammar = await asyncio.to_thread(self.compile, request.constraint)
+        start = request.start.prefix if request.start is not None else TokenPrefix()
+        hashes = PrefixHashes(start, request.prompt_tokens)
+        stored = None
+        if self.states.shared and request.start is None and request.boundaries and \
+                request.params.prompt_logprobs is None:   # disk and Redis reads: off the loop and the step thread
+            stored = await asyncio.to_thread(self.states.find_boundary, request.initial, hashes, request.boundaries)
         sink = Sink(asyncio.get_running_loop(), self.core.outbox)
-        self.core.enqueue(Group(request=request, sink=sink, grammar=grammar))
+        self.core.enqueue(Group(request=request, sink=sink, grammar=grammar, hashes=hashes, stored=stored))
         return RequestStream(request.request_id, sink, self.core.abort)
 
     def compile(self, spec: Constraint) -> CompiledGrammar:
@@ -128,6 +140,7 @@ class AsyncEngine:
     def validate(self, request: GenerateRequest) -> None:
         """Every rule a request must meet, decided here once (never per forward)."""
         validate_request(request, self.config, self.vocab_size)
+        self.states.check_request(request)
 
     def _check_prompt(self, ids: list[int], param: str) -> None:
         check_prompt(ids, param, self.config, self.vocab_size)
@@ -152,6 +165,10 @@ class AsyncEngine:
             prefix_cache_entries=len(cache), prompt_tokens_total=c["prompt_tokens"],
             generated_tokens_total=c["generated_tokens"], steps_total=c["steps"], aborted_total=c["aborted"],
             alive=self.is_alive, draining=core.draining, threads=self._threads_in_use)
+
+    def store_stats(self) -> StoreStats | None:
+        """The state store's counters per tier, or None without a store."""
+        return self.states.store.stats() if self.states.store is not None else None
 
 
 def validate_request(request: GenerateRequest, config: EngineConfig, vocab_size: int) -> None:

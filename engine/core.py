@@ -19,6 +19,7 @@ import torch
 from engine.config import EngineConfig
 from engine.embeddings import EmbedJob, run_chunk
 from engine.errors import EngineDead, EngineDraining, EngineError, InvalidRequest, Overloaded, RequestFailed
+from engine.model.state import RNNState
 from engine.prefix_cache import PrefixCache
 from engine.request import FinishReason
 from engine.runner import ModelRunner, PrefillResult
@@ -52,7 +53,10 @@ class EngineCore:
         self.scheduler = Scheduler(max_slots=config.max_sessions, prefill_chunk=config.prefill_chunk,
                                    step_token_budget=config.step_token_budget,
                                    align=config.prefix_cache_interval if self.cache.enabled else 0)
-        self.runner = ModelRunner(model, self.pool, self.cache, snapshot_every=config.prefix_cache_interval)
+        self.initials: dict[str, tuple[str, RNNState | None]] = {"": ("", None)}   # name -> (key, state)
+        self.runner = ModelRunner(model, self.pool, self.cache, snapshot_every=config.prefix_cache_interval,
+                                  initials=self.initials)
+        self._ready: list[Batch] = []                # first tokens of prompts the cache covered whole
         self.mask_filler = MaskFiller()
         self._mask_thread: ThreadPoolExecutor | None = None
         self.outbox = Outbox()
@@ -156,15 +160,22 @@ class EngineCore:
             self._embed_step(self.embed_jobs[0])
 
     def _schedule(self) -> SchedulePlan:
+        whole = []
         for gid in self.scheduler.admit():
             g = self.groups[gid]
             self._admitted(g)
-            self._guard(g, self._begin, g)
-        return self.scheduler.plan()
+            if self._guard(g, self._begin, g) and g.first_logits is not None:
+                whole.append(g)
+        plan = self.scheduler.plan()
+        for g in whole:                              # the cache held the prompt and its last logits: no forward
+            batch = self._prompt_progress(PrefillResult(g, g.cached, g.cached, logits=g.first_logits))
+            if batch is not None:
+                self._ready.append(batch)
+        return plan
 
     def _execute(self, plan: SchedulePlan) -> list[Batch]:
         """The plan's model calls; returns the batches of rows to sample."""
-        batches = []
+        batches, self._ready = self._ready, []
         if plan.decode:                              # decode first: prompts that finish now join the next step
             seqs = [(g, s) for g in (self.groups[i] for i in plan.decode if i in self.groups)
                     for s in g.seqs if s.finished is None]
@@ -263,12 +274,12 @@ class EngineCore:
                 self._guard(g, self._deliver, g, new)
 
     def _deliver(self, g: Group, new: dict[int, list]) -> None:
-        out = take_output(g, new)
         for s in g.seqs:
             if s.finished is not None and not s.released:
                 s.released = True
                 self.runner.release(g, s, snapshot=s.finished is not FinishReason.ABORT)
                 self.scheduler.finish_seq(g.id)
+        out = take_output(g, new)
         if out.finished:
             self.groups.pop(g.id, None)
             self._forget(g.id)
@@ -282,7 +293,8 @@ class EngineCore:
         for kind, obj in items:
             if kind == "add":
                 self.groups[obj.id] = obj
-                self._guard(obj, self.scheduler.add, obj.id, len(obj.request.prompt_tokens), obj.request.n)
+                stops = self.runner.snapshot_points(obj) if self.cache.enabled else ()
+                self._guard(obj, self.scheduler.add, obj.id, len(obj.request.prompt_tokens), obj.request.n, stops)
             elif kind == "abort":
                 self._abort(obj)
             elif kind == "embed":

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequest
+from engine.prefix_hash import ConvState
 
 MAX_LOGPROBS = 20
 MAX_STOP = 16
@@ -119,10 +120,28 @@ class GenerateRequest:
     constraint: object = None
     """An engine.structured Constraint (a JSON schema, regex, choice, grammar or tool calls) every sequence's
     output must match, or None for free text. Compiled at submit, off the event loop and the step loop."""
+    initial: str = ""
+    """The registered initial state (AsyncEngine.add_initial_state, e.g. a state-tuning file) the conversation
+    starts from; "" = the zero state."""
+    start: ConvState | None = None
+    """Continue this conversation state: prompt_tokens come after start.prefix (start.initial must be initial)."""
+    boundaries: tuple[int, ...] = ()
+    """Positions in prompt_tokens where a message of the chat template ends: the prefix cache snapshots there and
+    looks the stored states up there."""
+    keep_state: bool = False
+    """Hand back the state after the prompt and the output tokens fed to the model (all but the last one) with the
+    last RequestOutput (RequestOutput.state); n must be 1."""
 
     def __post_init__(self):
         _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
         _check(len(self.prompt_tokens) > 0, "prompt", "must not be empty")
+        _check(not self.keep_state or self.n == 1, "n", "must be 1 when the conversation state is kept")
+        _check(self.start is None or isinstance(self.start, ConvState), "start", "must be a ConvState")
+        _check(self.start is None or self.start.initial == self.initial, "start",
+               "was made from another initial state than the request's")
+        b = self.boundaries
+        _check(all(0 < x < len(self.prompt_tokens) for x in b) and list(b) == sorted(set(b)), "boundaries",
+               "must be increasing positions inside the prompt")
 
 
 @dataclass(frozen=True)
@@ -149,10 +168,11 @@ class RequestOutput:
     """One update of a request: deltas of the sequences that moved; the last one has finished=True."""
     request_id: str
     outputs: list[SequenceOutput]
-    prompt_tokens: int
+    prompt_tokens: int                                           # the context: start.prefix.length + the prompt
     prompt_logprobs: list[TokenLogprob | None] | None = None   # in the first update only, when asked for
-    cached_prompt_tokens: int = 0                                # prompt tokens served from the prefix cache
+    cached_prompt_tokens: int = 0                                # context tokens not run (the start, cached prefixes)
     finished: bool = False
+    state: ConvState | None = None                               # the last update of a keep_state request
 
 
 @dataclass(frozen=True)

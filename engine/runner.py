@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.model.state import RNNState
 from engine.prefix_cache import PrefixCache
+from engine.prefix_hash import ConvState, PrefixHashes
 from engine.sampling import top_logprobs
 from engine.state_pool import StatePool
 from engine.update import Group, Sequence
@@ -26,24 +28,44 @@ class PrefillResult:
 
 
 class ModelRunner:
-    def __init__(self, model, pool: StatePool, cache: PrefixCache, *, snapshot_every: int):
+    def __init__(self, model, pool: StatePool, cache: PrefixCache, *, snapshot_every: int,
+                 initials: dict[str, tuple[str, RNNState | None]]):
         self.model = model
         self.pool = pool
         self.cache = cache
         self.snapshot_every = snapshot_every
+        self.initials = initials            # initial-state name -> (its key in stored states, the state)
+
+    def initial_key(self, g: Group) -> str:
+        return self.initials[g.request.initial][0]
+
+    @staticmethod
+    def snapshot_points(g: Group) -> tuple[int, ...]:
+        """Where a prompt's chunks end for a snapshot besides its end: the first message boundary (a shared system
+        prompt) and the last (the history before the newest message: an edited or regenerated turn)."""
+        b = g.request.boundaries
+        return tuple(sorted({b[0], b[-1]})) if b else ()
 
     def begin(self, g: Group) -> int:
-        """Admitted: take a state row and resume from the longest cached prefix (unless prompt logprobs are
-        wanted, which need every position's logits); returns the prompt tokens already in the state."""
-        self.pool.alloc(g.key(0))
+        """Admitted: take a state row, load the start (a conversation state, an initial state, else zeros), and
+        resume from the longest cached prefix, in memory or found in the state store at submit (unless prompt
+        logprobs are wanted, which need every position's logits); returns the prompt tokens already in the state."""
+        key = g.key(0)
+        self.pool.alloc(key)
+        start = g.request.start.state if g.request.start is not None else self.initials[g.request.initial][1]
+        if start is not None:
+            self.pool.load(key, start)
         if g.params.prompt_logprobs is not None:
             g.prompt_logprobs = [None]
             return 0
-        cached, state = self.cache.lookup(g.request.prompt_tokens)
-        if state is not None:
-            self.pool.load(g.key(0), state)
-            g.cached = cached
-        return cached
+        hit = self.cache.lookup(self.initial_key(g), g.hashes) if g.hashes is not None else None
+        if g.stored is not None and (hit is None or g.stored.tokens > hit.tokens):
+            hit = g.stored
+        g.stored = None
+        if hit is not None:
+            self.pool.load(key, hit.state)
+            g.cached, g.first_logits = hit.tokens, hit.logits
+        return g.cached
 
     def prefill(self, chunks: list[tuple[Group, int]], ntok: int) -> list[PrefillResult]:
         """Run ``ntok`` prompt tokens from each (group, start); equal-length chunks share one forward on a copy
@@ -90,8 +112,11 @@ class ModelRunner:
         try:
             if all_logits is not None:
                 self._prompt_logprobs(g, all_logits, start, end)
-            if self.cache.enabled and (end == len(prompt) or end % self.snapshot_every == 0):
-                self.cache.insert(prompt[:end], self.pool.view(g.key(0)))
+            last = end == len(prompt)
+            if self.cache.enabled and g.hashes is not None and (
+                    last or end % self.snapshot_every == 0 or end in self.snapshot_points(g)):
+                self.cache.insert(self.initial_key(g), g.hashes.digest(end), g.started_at + end,
+                                  self.pool.view(g.key(0)), logits=last_logits if last else None)
         except Exception as exc:                                  # noqa: BLE001 - fails this request alone
             result.error = exc
         return result
@@ -120,13 +145,24 @@ class ModelRunner:
         return logits
 
     def release(self, g: Group, s: Sequence, snapshot: bool) -> None:
-        """A sequence finished: snapshot its conversation state for the next turn, free its row."""
+        """A sequence finished: snapshot its conversation state for the next turn (and hand it back when the
+        request keeps it), free its row. The state holds the prompt and every output token but the last (sampled,
+        never fed)."""
         key = g.key(s.index)
-        if snapshot and self.cache.enabled and len(s.tokens) > 1:
-            try:
-                self.cache.insert(g.request.prompt_tokens + s.tokens[:-1], self.pool.view(key))
-            except Exception:                                     # noqa: BLE001 - the cache is an optimisation
-                log.exception("prefix-cache snapshot of %s failed", g.id)
+        want = g.request.keep_state or (self.cache.enabled and len(s.tokens) > 1)
+        if snapshot and want and g.hashes is not None:
+            fed = s.tokens[:-1]
+            after = PrefixHashes(g.hashes.prefix(len(g.request.prompt_tokens)), fed)
+            view = self.pool.view(key)
+            if g.request.keep_state:
+                g.kept = ConvState(view.to("cpu") if view.wkv[0].device.type != "cpu" else view.clone(),
+                                   after.prefix(len(fed)), g.request.initial)
+            if self.cache.enabled and len(s.tokens) > 1:
+                try:
+                    self.cache.insert(self.initial_key(g), after.digest(len(fed)), after.start.length + len(fed),
+                                      view)
+                except Exception:                                 # noqa: BLE001 - the cache is an optimisation
+                    log.exception("prefix-cache snapshot of %s failed", g.id)
         self.pool.free(key)
 
     def free(self, g: Group) -> None:

@@ -26,6 +26,7 @@ class GroupState:
     position: int = 0                  # prompt tokens already in the state
     phase: Phase = Phase.WAITING
     live: int = 0                      # sequences still decoding
+    stops: tuple[int, ...] = ()        # prompt positions where a chunk must end (a snapshot is taken there)
 
     @property
     def remaining(self) -> int:
@@ -64,14 +65,14 @@ class Scheduler:
         return sum(g.live if g.phase is Phase.DECODE else g.n
                    for g in self.groups.values() if g.phase is not Phase.WAITING)
 
-    def add(self, group_id: str, prompt_len: int, n: int) -> None:
+    def add(self, group_id: str, prompt_len: int, n: int, stops: tuple[int, ...] = ()) -> None:
         """Queue a group. How many may wait is the engine's admission rule (engine/core.py), not the scheduler's;
         a group needing more than all slots could never run and is refused here."""
         if group_id in self.groups:
             raise ValueError(f"request id {group_id!r} is already in use")
         if n > self.max_slots:
             raise ValueError(f"{n} sequences can never fit in {self.max_slots} slots")
-        self.groups[group_id] = GroupState(group_id, n, prompt_len)
+        self.groups[group_id] = GroupState(group_id, n, prompt_len, stops=tuple(sorted(stops)))
         self.waiting.append(group_id)
 
     def admit(self) -> list[str]:
@@ -102,7 +103,10 @@ class Scheduler:
                 break
             if g.phase is Phase.PREFILL and g.remaining > 0:
                 take = min(self.prefill_chunk, g.remaining, budget)
-                if self.align and take < g.remaining:
+                stop = next((x for x in g.stops if g.position < x < g.position + take), None)
+                if stop is not None:                   # a snapshot point comes first
+                    take = stop - g.position
+                elif self.align and take < g.remaining:
                     aligned_end = (g.position + take) // self.align * self.align
                     if aligned_end > g.position:       # end the chunk on a snapshot boundary when one is in reach
                         take = aligned_end - g.position

@@ -37,6 +37,10 @@ class Group:
     sent_prompt: bool = False
     waiting: bool = True                # counted against max_waiting (until it gets slots or ends)
     grammar: object = None              # engine.structured.CompiledGrammar of the request's constraint
+    hashes: object = None               # engine.prefix_hash.PrefixHashes of the prompt (after the start)
+    stored: object = None               # engine.prefix_cache.Hit found in the state store at submit
+    first_logits: object = None         # the prompt's last logits when the cache covered all of it
+    kept: object = None                 # engine.prefix_hash.ConvState handed back (keep_state)
 
     @property
     def id(self) -> str:
@@ -49,6 +53,11 @@ class Group:
     def key(self, index: int) -> tuple[str, int]:
         """The state-pool key of sequence ``index``."""
         return (self.id, index)
+
+    @property
+    def started_at(self) -> int:
+        """Context tokens before the prompt (the start state's)."""
+        return self.request.start.prefix.length if self.request.start is not None else 0
 
     @property
     def done(self) -> bool:
@@ -109,8 +118,9 @@ def take_output(g: Group, new: dict[int, list]) -> RequestOutput:
             finish_reason=s.finished if s.finished and s.finished is not FinishReason.ABORT else None,
             cumulative_tokens=len(s.tokens)))
         s.delta = ""
-    out = RequestOutput(request_id=g.id, outputs=outputs, prompt_tokens=len(g.request.prompt_tokens),
-                        cached_prompt_tokens=g.cached, finished=g.done)
+    out = RequestOutput(request_id=g.id, outputs=outputs, prompt_tokens=g.started_at + len(g.request.prompt_tokens),
+                        cached_prompt_tokens=g.started_at + g.cached, finished=g.done,
+                        state=g.kept if g.done else None)
     if not g.sent_prompt:
         out.prompt_logprobs = g.prompt_logprobs
         g.sent_prompt = True
@@ -119,8 +129,8 @@ def take_output(g: Group, new: dict[int, list]) -> RequestOutput:
 
 def abort_output(g: Group) -> RequestOutput:
     """The last output of an aborted request: its unfinished sequences end with ABORT."""
-    return RequestOutput(request_id=g.id, prompt_tokens=len(g.request.prompt_tokens), finished=True,
-                         cached_prompt_tokens=g.cached,
+    return RequestOutput(request_id=g.id, prompt_tokens=g.started_at + len(g.request.prompt_tokens), finished=True,
+                         cached_prompt_tokens=g.started_at + g.cached,
                          outputs=[SequenceOutput(index=s.index, text="", token_ids=[],
                                                  finish_reason=FinishReason.ABORT, cumulative_tokens=len(s.tokens))
                                   for s in g.seqs if s.finished is None])

@@ -43,6 +43,8 @@ class ModelInfo:
     created: int = field(default_factory=lambda: int(time.time()))
     description: str = ""
     """One line for the startup message: what was loaded, from where."""
+    initial_states: tuple[str, ...] = ()
+    """Names of the initial states (state-tuning files); each is also served as the model "<name>:<state>"."""
 
 
 Loader = Callable[[], "tuple[object, ModelInfo]"]
@@ -115,6 +117,8 @@ def create_app(engine, settings: Settings | None = None, info: ModelInfo | None 
     errors.install(app)
     from server.routes import router
     app.include_router(router)
+    from server.responses import router as responses_router
+    app.include_router(responses_router)
     if assets:
         app.include_router(ui.make_router(assets))
     app.openapi = lambda: _openapi(app, auth=bool(read_api_keys(s)))
@@ -128,7 +132,7 @@ def _middleware(state: AppState, open_get: frozenset[str] = frozenset()) -> list
     stack = [Middleware(RequestContextMiddleware, metrics=state.metrics)]
     if s.cors_origins:
         stack.append(Middleware(CORSMiddleware, allow_origins=list(s.cors_origins), allow_credentials=False,
-                                allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
                                 expose_headers=["x-request-id", "retry-after"]))
     allowed = s.allowed_hosts or (LOOPBACK_NAMES if s.loopback else ("*",))
     stack.append(Middleware(HostCheckMiddleware, allowed=tuple(allowed)))

@@ -192,6 +192,16 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
 # ------------------------------------------------------------------------------------------------ handlers
 
+def _allowed(request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's."""
+    from starlette.routing import Match
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers once: engine and API errors, validation (400, never 422), HTTP errors, anything else."""
 
@@ -216,9 +226,12 @@ def install(app: FastAPI) -> None:
     async def on_http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else "error"
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path[:200]}"
-        return status_error(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
+        elif exc.status_code == 405:          # every route of the path, not only the first one matched
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed(request))}
+        return status_error(exc.status_code, message, code=code, headers=headers)
 
     for cls, _ in TABLE:
         app.add_exception_handler(cls, on_error)

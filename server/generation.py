@@ -64,6 +64,11 @@ class Generation:
     t0: float = field(default_factory=time.perf_counter)
     totals: Totals = field(default_factory=Totals)
     timed_out: bool = False
+    keep: bool = False                 # collect each choice's token ids, text and the engine's kept states (below)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    texts: dict[int, str] = field(default_factory=dict)
+    states: dict[int, object] = field(default_factory=dict)     # choice -> engine.ConvState (keep_state requests)
+    on_done: object = None             # called with this Generation when every choice has finished
 
     @property
     def model(self) -> str:
@@ -95,8 +100,16 @@ class Generation:
                         if self.echo:
                             batch += await asyncio.to_thread(self._echo, p, out.prompt_logprobs)
                     batch += [self._delta(p, so, state) for so in out.outputs]
+                    if self.keep:
+                        for so in out.outputs:
+                            self.token_ids.setdefault(p * self.n + so.index, []).extend(so.token_ids)
+                            self.texts[p * self.n + so.index] = self.texts.get(p * self.n + so.index, "") + so.text
+                        if out.state is not None:
+                            self.states[p * self.n] = out.state
                     yield batch
             self._finished(state)
+            if self.on_done is not None:
+                self.on_done(self)
         finally:
             timer.cancel()
             for stream in self.streams:

@@ -48,6 +48,39 @@ class EngineCollector:
         ]
         for name, text, value in counters:
             yield CounterMetricFamily(name, text, value=value)
+        store = getattr(engine, "store_stats", None)
+        stats = store() if store is not None else None
+        if stats is not None:
+            yield from _store_metrics(stats)
+
+
+def _store_metrics(s):
+    """The state store's tiers (memory, disk, redis): hits, misses, writes, evictions, errors, bytes, entries."""
+    per_tier = [("hits", "Stored-state and response lookups found in the tier"),
+                ("misses", "Lookups not found in the tier (or found expired, damaged or another model's)"),
+                ("writes", "States and records written to the tier"),
+                ("evictions", "States and records evicted from the tier by its byte budget"),
+                ("errors", "I/O or connection failures of the tier, and copies found damaged")]
+    for field, text in per_tier:
+        family = CounterMetricFamily(f"goose_state_store_{field}", text, labels=["tier"])
+        for tier, t in s.tiers.items():
+            family.add_metric([tier], getattr(t, field))
+        yield family
+    for field, text in (("bytes", "Bytes held by the tier (unknown for Redis)"),
+                        ("entries", "States and records held by the tier (unknown for Redis)")):
+        family = GaugeMetricFamily(f"goose_state_store_{field}", text, labels=["tier"])
+        for tier, t in s.tiers.items():
+            if getattr(t, field) is not None:
+                family.add_metric([tier], getattr(t, field))
+        yield family
+    yield GaugeMetricFamily("goose_state_store_pending_writes", "Writes accepted and not yet in every tier",
+                            value=s.pending)
+    yield CounterMetricFamily("goose_state_store_dropped_writes", "Writes dropped because the write queue was full",
+                              value=s.writer.dropped)
+    yield CounterMetricFamily("goose_state_store_expired", "Stored copies found expired (and deleted)",
+                              value=s.expired)
+    yield CounterMetricFamily("goose_state_store_corrupt", "Stored copies found damaged or mismatched (and deleted)",
+                              value=s.corrupt)
 
 
 class Metrics:

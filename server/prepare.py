@@ -6,7 +6,8 @@ import asyncio
 import time
 import uuid
 
-from engine import Choice, GenerateRequest, Grammar, InvalidRequest, Overloaded, Regex, SamplingParams, render_chat
+from engine import Choice, GenerateRequest, Grammar, InvalidRequest, Overloaded, Regex, SamplingParams
+from server.conversation import ChatPrompt, chat_prompt, close_chat_later
 from server.errors import ModelNotFound
 from server.structured import structured_request
 from server.generation import Generation
@@ -37,10 +38,20 @@ def sampling_params(req: SamplingFields, ctx, *, max_tokens: int | None, logprob
         logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos)
 
 
-def check_model(ctx, name: str | None) -> None:
-    if name is not None and name != ctx.info.name:
-        raise ModelNotFound(f"model {name[:200]!r} does not exist; this server serves {ctx.info.name!r}",
-                            param="model")
+def check_model(ctx, name: str | None) -> str:
+    """The initial state a request's model names: "" for the model itself, <state> for "<model>:<state>"."""
+    if name is None or name == ctx.info.name:
+        return ""
+    base, sep, initial = name.rpartition(":")
+    if sep and base == ctx.info.name and initial in ctx.info.initial_states:
+        return initial
+    raise ModelNotFound(f"model {name[:200]!r} does not exist; this server serves "
+                        f"{', '.join(repr(m) for m in model_ids(ctx.info))}", param="model")
+
+
+def model_ids(info) -> list[str]:
+    """The model ids this server answers to: the model, then "<model>:<state>" per initial state."""
+    return [info.name] + [f"{info.name}:{s}" for s in info.initial_states]
 
 
 def precheck(ctx, sequences: int) -> None:
@@ -74,12 +85,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def _submit(ctx, gen: Generation, params: SamplingParams, prompt_param: str, constraint=None) -> Generation:
+async def _submit(ctx, gen: Generation, params: SamplingParams, prompt_param: str, constraint=None, *,
+                  initial: str = "", boundaries: tuple[int, ...] = (), keep_state: bool = False) -> Generation:
     try:
         for p, ids in enumerate(gen.prompts):
             rid = gen.id if len(gen.prompts) == 1 else f"{gen.id}-{p}"
             gen.streams.append(await ctx.engine.submit(
-                GenerateRequest(prompt_tokens=ids, params=params, n=gen.n, request_id=rid, constraint=constraint)))
+                GenerateRequest(prompt_tokens=ids, params=params, n=gen.n, request_id=rid, constraint=constraint,
+                                initial=initial, boundaries=boundaries, keep_state=keep_state)))
     except BaseException as exc:
         for stream in gen.streams:
             await stream.aclose()
@@ -90,7 +103,7 @@ async def _submit(ctx, gen: Generation, params: SamplingParams, prompt_param: st
 
 
 async def start_completion(ctx, req: CompletionRequest) -> Generation:
-    check_model(ctx, req.model)
+    initial = check_model(ctx, req.model)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
     if req.best_of is not None and req.best_of != req.n:
@@ -103,11 +116,11 @@ async def start_completion(ctx, req: CompletionRequest) -> Generation:
                              prompt_logprobs=req.logprobs if req.echo else None)
     gen = Generation(ctx, new_id("cmpl"), int(time.time()), [], prompts, req.n, echo=req.echo,
                      logprobs=req.logprobs)
-    return await _submit(ctx, gen, params, "prompt", structured.constraint)
+    return await _submit(ctx, gen, params, "prompt", structured.constraint, initial=initial)
 
 
 async def start_chat(ctx, req: ChatRequest) -> Generation:
-    check_model(ctx, req.model)
+    initial = check_model(ctx, req.model)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
     if req.top_logprobs is not None and not req.logprobs:
@@ -117,18 +130,23 @@ async def start_chat(ctx, req: ChatRequest) -> Generation:
     precheck(ctx, req.n)
     messages = [m.model_dump(include={"role", "content", "tool_calls", "tool_call_id"}, exclude_none=True)
                 for m in req.messages]
-    ids = await asyncio.to_thread(_chat_tokens, ctx, messages, structured.tools)
+    prompt = await asyncio.to_thread(_chat_tokens, ctx, messages, structured.tools)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
     # a regex, choice or grammar says exactly where the reply ends: the template's turn stops would cut it
     own_form = isinstance(structured.constraint, (Regex, Choice, Grammar))
     params = sampling_params(req, ctx, max_tokens=max_tokens, logprobs=k, extra_stop=() if own_form else template.stop)
-    gen = Generation(ctx, new_id("chatcmpl"), int(time.time()), [], [ids], req.n, logprobs=k,
-                     tools=template.tools if structured.parse_tools else None)
-    return await _submit(ctx, gen, params, "messages", structured.constraint)
+    # a reply's state is worth storing where other replicas or a restart can find it (plain replies: n = 1, no calls)
+    states = getattr(ctx.engine, "states", None)
+    keep = req.n == 1 and not structured.parse_tools and states is not None and states.persistent
+    gen = Generation(ctx, new_id("chatcmpl"), int(time.time()), [], [prompt.tokens], req.n, logprobs=k,
+                     tools=template.tools if structured.parse_tools else None, keep=keep)
+    if keep:
+        gen.on_done = close_chat_later(ctx, messages=messages, tools=structured.tools, prompt=prompt.tokens,
+                                       initial=initial)
+    return await _submit(ctx, gen, params, "messages", structured.constraint, initial=initial,
+                         boundaries=prompt.boundaries, keep_state=keep)
 
 
-def _chat_tokens(ctx, messages: list[dict], tools) -> list[int]:
-    tok = ctx.engine.tokenizer
-    text = render_chat(messages, ctx.info.template, tools=tools)
-    return ([tok.eot_id] if ctx.info.template.bos else []) + tok.encode(text, allow_special=False)
+def _chat_tokens(ctx, messages: list[dict], tools) -> ChatPrompt:
+    return chat_prompt(ctx.engine.tokenizer, ctx.info.template, messages, tools)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_serializer
+from pydantic import Discriminator, Field, Tag, field_validator, model_serializer
 
 from server.output import Strict
-from server.protocol import NonNegInt, OpenAIRequest, PosInt, Seed
+from server.protocol import LogprobCount, NonNegInt, OpenAIRequest, PosInt, Seed
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "queued", "incomplete"]
@@ -142,11 +142,18 @@ class ResponsesRequest(OpenAIRequest):
     parallel_tool_calls: bool = True
     truncation: Literal["auto", "disabled"] = "disabled"
     user: str | None = None
-    top_logprobs: Annotated[NonNegInt, Field(le=20)] | None = None
+    top_logprobs: LogprobCount | None = None
     background: Literal[False] | None = None
     """Background responses are not supported; only false/null is accepted."""
     conversation: None = None
     """The Conversations API is not supported (use previous_response_id); only null is accepted."""
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _only_false(cls, value):
+        if value is not None and value is not False:     # a Literal[False] also takes 0
+            raise ValueError("background responses are not supported; send false or leave it out")
+        return value
     # RWKV / vLLM extras
     seed: Seed | None = None
     top_k: NonNegInt | None = None

@@ -66,7 +66,9 @@ async def chat_completions(body: ChatRequest, request: Request):
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = ready(request)
-    prepare.check_model(state, body.model)
+    if prepare.check_model(state, body.model):
+        raise InvalidRequest("initial states apply to generation, not to embeddings: use the model itself",
+                             param="model")
     items = prepare.prompt_items(state, body.input, "input")
     inputs = await asyncio.to_thread(prepare.token_lists, state, items, allow_special=True)
     width = state.engine.model_config.n_embd
@@ -98,15 +100,15 @@ def _encode(vector: list[float], dimensions: int | None, fmt: str) -> list[float
 @router.get("/v1/models", response_model=ModelList, responses=READ_ERRORS)
 async def list_models(request: Request):
     state = ready(request)
-    return ModelList(data=[ModelCard(id=state.info.name, created=state.info.created)])
+    return ModelList(data=[ModelCard(id=m, created=state.info.created) for m in prepare.model_ids(state.info)])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=READ_ERRORS)
 async def get_model(model_id: str, request: Request):
     state = ready(request)
-    if model_id != state.info.name:
+    if model_id not in prepare.model_ids(state.info):
         raise NotFound(f"model {model_id[:200]!r} does not exist", param="model")
-    return ModelCard(id=state.info.name, created=state.info.created)
+    return ModelCard(id=model_id, created=state.info.created)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

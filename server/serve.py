@@ -127,8 +127,40 @@ def load_engine(settings: Settings):
     description = (f"{m.path} ({cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, {m.strategy}; "
                    f"tokenizer {tokenizer.name}; chat template {'goose.json' if meta.get('chat') else 'RWKV'}; "
                    f"kernels: linear {model.linear_backend}, decode {model.decode_kernel})")
-    return AsyncEngine(model, tokenizer, settings.engine), ModelInfo(name=str(name), template=template,
-                                                                       description=description)
+    store = open_store(settings.states)
+    engine = AsyncEngine(model, tokenizer, settings.engine, store=store)
+    try:
+        add_initial_states(engine, m.initial_states)
+    except BaseException:
+        store.close()
+        raise
+    if m.initial_states:
+        description += f"; initial states: {', '.join(m.initial_states)}"
+    return engine, ModelInfo(name=str(name), template=template, description=description,
+                             initial_states=tuple(m.initial_states))
+
+
+def open_store(config):
+    """The StateStore of the `states` settings; ModelLoadError when a tier cannot be opened."""
+    from engine import ModelLoadError, StateStore
+    try:
+        return StateStore(config)
+    except ImportError:
+        raise ModelLoadError("states.redis_url needs the redis client: pip install 'goose-rwkv[redis]'") from None
+    except OSError as exc:
+        raise ModelLoadError(f"states.disk_dir {config.disk_dir}: {exc.strerror or exc}") from None
+
+
+def add_initial_states(engine, files: dict[str, str]) -> None:
+    """Load each state-tuning file and register it under its name; a file that does not fit the model is refused
+    with the file, the key and the shapes named (engine.load_state_file)."""
+    from engine import ModelLoadError, load_state_file
+    for name, path in files.items():
+        state = load_state_file(path, engine.model_config)
+        try:
+            engine.states.add_initial(name, state)
+        except ValueError as exc:
+            raise ModelLoadError(f"model.initial_states: {exc}") from None
 
 
 def _server_class():

@@ -1,7 +1,8 @@
 """The one configuration loader: flags > GOOSE_* environment > config.yaml > defaults, into frozen dataclasses.
 
 Sections mirror dataclasses field for field (``model`` = ModelSettings, ``server`` = ServerSettings,
-``engine`` = engine.EngineConfig); unknown sections, keys and GOOSE_<SECTION>_<KEY> variables are errors.
+``engine`` = engine.EngineConfig, ``states`` = engine.StoreConfig); unknown sections, keys and
+GOOSE_<SECTION>_<KEY> variables are errors.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from engine import EngineConfig
+from engine import EngineConfig, StoreConfig
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,8 @@ class ModelSettings:
     """Device and matmul dtype: cpu fp32, cpu bf16, cuda fp16, cuda bf16, cuda fp32, cuda:N <dtype>."""
     wkv_backend: str = "chunked"
     """WKV-7 kernel where the native CPU kernels are off (CUDA, GOOSE_NATIVE_KERNELS=0): chunked or reference for prompts, the single-token step for decode. reference also turns the native kernels off."""
+    initial_states: dict[str, str] = field(default_factory=dict)
+    """Initial states (RWKV-LM / RWKV-PEFT state-tuning files, .pth or .safetensors) by name; each is served as the model `<model>:<name>`. In the environment: name=path,name2=path2."""
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,12 @@ class Settings:
     model: ModelSettings = ModelSettings()
     server: ServerSettings = field(default_factory=ServerSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    states: StoreConfig = field(default_factory=StoreConfig)
 
 
-_SECTIONS = {"model": ModelSettings, "server": ServerSettings, "engine": EngineConfig}
-_PATH_KEYS = {("model", "path"), ("model", "tokenizer"), ("server", "api_key_file")}
+_SECTIONS = {"model": ModelSettings, "server": ServerSettings, "engine": EngineConfig, "states": StoreConfig}
+_PATH_KEYS = {("model", "path"), ("model", "tokenizer"), ("model", "initial_states"), ("server", "api_key_file"),
+              ("states", "disk_dir")}
 ENV_PREFIX = "GOOSE_"
 ENV_ALIASES = {"GOOSE_API_KEY": ("server", "api_keys")}   # comma-separated keys
 ENV_NOT_SETTINGS = frozenset({"GOOSE_CONFIG"})             # read by `goose serve` to find the file
@@ -170,7 +175,12 @@ def _build(where: str, section: str, cls, values: dict[str, Any]):
     checked = {}
     for key, value in values.items():
         expected = type(getattr(defaults, key))
-        if expected is tuple:
+        if expected is dict:
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in value.items()):
+                raise ConfigError(f"{where}: {section}.{key} must be a mapping of names to strings, got {value!r}")
+            value = dict(value)
+        elif expected is tuple:
             if isinstance(value, str):
                 value = (value,)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -215,12 +225,19 @@ def _parse_env(name: str, raw: str, expected: type):
             return raw.strip().lower() in ("1", "true", "yes", "on")
         if expected is tuple:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if expected is dict:
+            pairs = [part.partition("=") for part in raw.split(",") if part.strip()]
+            if any(not eq or not k.strip() for k, eq, _ in pairs):
+                raise ValueError(raw)
+            return {k.strip(): v.strip() for k, _, v in pairs}
         return expected(raw)
     except ValueError:
         raise ConfigError(f"environment: {name}={raw!r} is not a valid {expected.__name__}") from None
 
 
 def _resolve(base: Path, value):
+    if isinstance(value, Mapping):
+        return {k: _resolve(base, v) for k, v in value.items()}
     if not isinstance(value, str) or not value or value == "world" or Path(value).is_absolute():
         return value
     return str(base / value)

@@ -1,5 +1,6 @@
 """The only SSE encoder: one ``data: {json}`` event per chunk, an in-stream error event, then ``data: [DONE]``,
-served by sse-starlette (keep-alive pings, disconnect detection, a send timeout).
+served by sse-starlette (keep-alive pings, disconnect detection, a send timeout). The Responses API's events are
+named instead (``event: <type>`` before each ``data:``) and end with their terminal event, no [DONE].
 
 On a disconnect (or a send that never completes) the chunk generator is closed, and its ``finally`` blocks abort the
 request in the engine.
@@ -13,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
 from server.errors import INTERNAL, spec_for, stream_error_event
@@ -44,14 +45,28 @@ async def encode(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     yield DONE
 
 
+async def encode_named(events: AsyncIterator[dict]) -> AsyncIterator[ServerSentEvent]:
+    """Named events (each a dict with its "type"); a failure that escapes them becomes an ``error`` event."""
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                yield ServerSentEvent(data=payload(event), event=event["type"])
+        except Exception as exc:      # CancelledError is a BaseException and passes: the client is gone
+            if spec_for(exc) is INTERNAL:
+                log.error("stream failed: %s", type(exc).__name__, exc_info=exc)
+            error = stream_error_event(exc)["error"]
+            yield ServerSentEvent(data=payload({"type": "error", **error}), event="error")
+
+
 class SSEResponse(EventSourceResponse):
     """A text/event-stream response (sse-starlette) over an async iterator of chunks: keep-alive comments every
     PING_INTERVAL s for proxies, the client's disconnect watched, a send blocked for SEND_TIMEOUT s (a client that
     stopped reading) treated as gone. Either way the chunk generator is closed, and its ``finally`` blocks abort the
     request in the engine."""
 
-    def __init__(self, chunks: AsyncIterator[BaseModel | dict], *, on_disconnect: Callable[[], None] | None = None):
-        super().__init__(encode(chunks), ping=PING_INTERVAL, sep="\n", send_timeout=SEND_TIMEOUT,
+    def __init__(self, chunks: AsyncIterator[BaseModel | dict], *, on_disconnect: Callable[[], None] | None = None,
+                 named: bool = False):
+        super().__init__(encode_named(chunks) if named else encode(chunks), ping=PING_INTERVAL, sep="\n", send_timeout=SEND_TIMEOUT,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                          client_close_handler_callable=self._client_closed)
         self.media_type = "text/event-stream"

@@ -22,11 +22,14 @@ def model(tmp_path_factory):
     return load_model(path, "cpu fp32")
 
 
-def run_engine(model, body, **config):
-    """Start an engine, run ``body(engine)`` in an event loop, stop the engine; return body's result."""
+def run_engine(model, body, *, store=None, initials=None, **config):
+    """Start an engine (with a state store and initial states when given), run ``body(engine)`` in an event loop,
+    stop the engine; return body's result."""
     async def main():
         eng = AsyncEngine(model, TOK, EngineConfig(**{"max_sessions": 16, "step_token_budget": 256,
-                                                      "prefill_chunk": 64, **config}))
+                                                      "prefill_chunk": 64, **config}), store=store)
+        for name, state in (initials or {}).items():
+            eng.states.add_initial(name, state)
         eng.start()
         try:
             return await body(eng)

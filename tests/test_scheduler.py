@@ -66,16 +66,25 @@ def test_decode_first_then_prefill_under_budget():
     assert steps == 16                                         # ceil(1000 / 64)
 
 
-def test_chunks_end_on_alignment_boundaries():
+def chunk_ends(stops=()) -> list[int]:
+    """Where the chunks of one 300-token prompt end (chunks of 100, aligned to 64)."""
     s = make(prefill_chunk=100, step_token_budget=1000, align=64)
-    s.add("a", 300, n=1)
+    s.add("a", 300, n=1, stops=stops)
     s.admit()
     ends = []
     while s.groups["a"].phase is Phase.PREFILL:
         (gid, n), = s.plan().prefill
         s.prefilled(gid, n)
         ends.append(s.groups["a"].position)
-    assert ends == [64, 128, 192, 256, 300]
+    return ends
+
+
+def test_chunks_end_on_alignment_boundaries():
+    assert chunk_ends() == [64, 128, 192, 256, 300]
+
+
+def test_chunks_end_at_snapshot_points_before_alignment():
+    assert chunk_ends(stops=(30, 150)) == [30, 128, 150, 192, 256, 300]
 
 
 def test_finish_and_remove_return_slots():

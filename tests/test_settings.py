@@ -41,3 +41,22 @@ def test_relative_paths_follow_the_file(tmp_path):
     f.write_text("model:\n  path: m/x.pth\n  tokenizer: world\n")
     s = load_settings(f)
     assert s.model.path == str(tmp_path / "m/x.pth") and s.model.tokenizer == "world"
+
+
+def test_states_section_and_initial_states(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  initial_states: {poet: s/poet.pth}\nstates:\n  disk_dir: st\n  ttl_s: 60\n")
+    s = load_settings(f, env={"GOOSE_STATES_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert s.model.initial_states == {"poet": str(tmp_path / "s/poet.pth")}
+    assert s.states.disk_dir == str(tmp_path / "st") and s.states.ttl_s == 60.0
+    assert s.states.redis_url == "redis://127.0.0.1:1/0"
+    s = load_settings(None, env={"GOOSE_MODEL_INITIAL_STATES": "a=x.pth, b=y.pth"})
+    assert s.model.initial_states == {"a": "x.pth", "b": "y.pth"}
+    for text, message in [("model:\n  initial_states: [a]\n", "mapping of names"),
+                          ("states:\n  redis_url: http://x\n", "redis://"),
+                          ("states:\n  ttl_s: -1\n", "states.ttl_s must be >= 0")]:
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_settings(f)
+    with pytest.raises(ConfigError, match="GOOSE_MODEL_INITIAL_STATES"):
+        load_settings(None, env={"GOOSE_MODEL_INITIAL_STATES": "novalue"})

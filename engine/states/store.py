@@ -1,6 +1,7 @@
 """StateStore: RNN states and small JSON records by (model identity, initial state, key), in up to three tiers.
 
-Lookups try memory, then the local directory, then Redis, and copy a hit into the faster tiers. Writes go
+Lookups try memory, then the local directory, then Redis, and copy a hit into the faster tiers (records live only
+in Redis when it is configured, so no replica reads a stale copy). Writes go
 through to every tier; put_state(background=True) costs the caller one copy of the state (the snapshot),
 and a writer thread encodes and writes it, while lookups already see it. Anything wrong with a stored copy
 (damaged, truncated, another model's, expired) is a miss and the copy is deleted.
@@ -28,12 +29,12 @@ class StoreConfig:
     """Where stored states and records live and for how long."""
     memory_bytes: int = 256 << 20
     """Process memory for the most recently used states and records (LRU); 0 turns the memory tier off."""
-    disk_dir: str | None = None
-    """A local directory (created if missing) that keeps states and records across restarts; None: no disk tier."""
+    disk_dir: str | None = ""
+    """A local directory (created if missing) that keeps states and records across restarts; empty: no disk tier."""
     disk_bytes: int = 8 << 30
     """Byte budget of disk_dir; the least recently used files are deleted beyond it."""
-    redis_url: str | None = None
-    """redis://host:port/db shared by replicas (needs the `redis` extra); None: no Redis tier."""
+    redis_url: str | None = ""
+    """redis://host:port/db shared by replicas (needs the `redis` extra); empty: no Redis tier."""
     redis_prefix: str = "goose:"
     """Prefix of every Redis key this store writes."""
     ttl_s: float = 30 * 24 * 3600.0
@@ -53,7 +54,7 @@ class StoreConfig:
                 raise ValueError(f"states.{name} must be >= 0, got {getattr(self, name)}")
         if self.redis_timeout_s <= 0:
             raise ValueError(f"states.redis_timeout_s must be > 0, got {self.redis_timeout_s}")
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"states.redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
 
 
@@ -92,6 +93,9 @@ class StateStore:
         self.redis = (RedisTier(config.redis_url, prefix=config.redis_prefix, timeout_s=config.redis_timeout_s,
                                 retry_s=config.redis_retry_s) if config.redis_url else None)
         self.tiers = [t for t in (self.memory, self.disk, self.redis) if t is not None]
+        self.record_tiers = [self.redis] if self.redis is not None else self.tiers
+        """Records live only in Redis when there is one: replicas then never read a stale local copy of a record
+        another replica deleted or replaced."""
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()            # guards _pending and the counters below
         self._write_lock = threading.Lock()      # orders tier writes against deletes
@@ -137,7 +141,7 @@ class StateStore:
         created = self._clock()
         blob = encode_record(key, record, created=created)
         if background:
-            self._submit(_Pending(KIND_RECORD, key, created, blob=blob, tiers=tuple(self.tiers)), len(blob))
+            self._submit(_Pending(KIND_RECORD, key, created, blob=blob, tiers=tuple(self.record_tiers)), len(blob))
         else:
             self._write_now(KIND_RECORD, key, blob, created)
 
@@ -151,7 +155,8 @@ class StateStore:
             pending = self._pending.get(digest)
         if pending is not None:
             return from_pending(pending)
-        for i, tier in enumerate(self.tiers):
+        tiers = self.record_tiers if kind == KIND_RECORD else self.tiers
+        for i, tier in enumerate(tiers):
             blob = tier.get(digest)
             if blob is None:
                 tier.count("misses")
@@ -168,7 +173,7 @@ class StateStore:
                 self._discard(tier, digest, "corrupt")
                 continue
             tier.count("hits")
-            self._promote(kind, key, digest, blob, created, self.tiers[:i])
+            self._promote(kind, key, digest, blob, created, tiers[:i])
             return value
         return None
 
@@ -227,7 +232,7 @@ class StateStore:
         with self._write_lock:
             with self._lock:
                 self._pending.pop(digest, None)    # an older queued write must not land after this one
-            self._write_tiers(digest, blob, created, self.tiers)
+            self._write_tiers(digest, blob, created, self.record_tiers if kind == KIND_RECORD else self.tiers)
 
     def _write_tiers(self, digest: str, blob: bytes, created: float, tiers) -> None:
         ttl = self._ttl_left(created)

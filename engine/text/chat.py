@@ -95,7 +95,25 @@ def render_chat(messages: Iterable[Mapping], template: ChatTemplate = ChatTempla
     message_text); assistant messages may hold OpenAI "tool_calls", tool messages a "tool_call_id" naming an
     earlier call. ``tools`` are offered to the model in the system turn, in the template's tool format.
     """
-    out = []
+    return "".join(seg.text for seg in render_segments(messages, template, tools))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered prompt: tokenized on its own, so message boundaries are token boundaries."""
+    index: int
+    """The message it renders: -1 for the tools' own system turn, len(messages) for the generation prompt."""
+    text: str
+    end: bool
+    """It ends its message (an assistant message is two pieces: the generation prompt and the reply)."""
+
+
+def render_segments(messages: Iterable[Mapping], template: ChatTemplate = ChatTemplate(),
+                    tools: Sequence[ToolFunction] = ()) -> list[Segment]:
+    """render_chat's text in pieces, one per message, the generation prompt last. An assistant message that
+    begins with the generation prompt is cut after it, so a prompt's tokens followed by its reply's tokens are the
+    tokens of the conversation that holds the reply (tokenizing piece by piece)."""
+    out: list[Segment] = []
     calls: dict[str, str] = {}           # tool call id -> function name, for the results that follow
     tool_block = template.tools.system_text(tools) if tools else ""
     count = 0
@@ -113,12 +131,17 @@ def render_chat(messages: Iterable[Mapping], template: ChatTemplate = ChatTempla
             text = _with_calls(text, msg["tool_calls"], i, template.tools, calls)
         elif role == "tool":
             text = template.tools.result_text(text, _called(msg.get("tool_call_id"), i, calls))
-        out.append(f"{template.role_name(role)}: {text}{template.separator}")
+        turn = f"{template.role_name(role)}: {text}{template.separator}"
+        cut = len(template.generation_prompt)
+        if role == "assistant" and cut and turn.startswith(template.generation_prompt) and len(turn) > cut:
+            out += [Segment(i, turn[:cut], False), Segment(i, turn[cut:], True)]
+        else:
+            out.append(Segment(i, turn, True))
     if not count:
         raise InvalidRequest("messages must not be empty", param="messages")
     if tool_block:
-        out.insert(0, f"{template.system}: {tool_block}{template.separator}")
-    return "".join(out) + template.generation_prompt
+        out.insert(0, Segment(-1, f"{template.system}: {tool_block}{template.separator}", True))
+    return out + [Segment(count, template.generation_prompt, False)]
 
 
 def _with_calls(text: str, tool_calls, index: int, fmt: ToolFormat, calls: dict[str, str]) -> str:

@@ -46,6 +46,8 @@ def semantic_violation(path: str, body, bpe) -> str | None:
     """The documented rule a schema-valid body breaks, or None."""
     if not isinstance(body, dict):
         return None
+    if path == "/v1/responses":
+        return responses_violation(body, bpe)
     vocab = bpe.vocab_size
     ids = []
     for key in ("prompt", "input", "tokens", "stop_token_ids"):
@@ -89,13 +91,38 @@ def semantic_violation(path: str, body, bpe) -> str | None:
     return None
 
 
-STRUCTURED = ("response_format", "structured_outputs", "tools", "tool_choice")
+def responses_violation(body: dict, bpe) -> str | None:
+    """The rules of POST /v1/responses that its schema cannot state."""
+    from pydantic import ValidationError
+
+    from server.responses_items import chat_messages, stored_input_items
+    from server.responses_protocol import ResponsesRequest
+    try:
+        req = ResponsesRequest.model_validate(body)
+    except ValidationError:
+        return None
+    if req.previous_response_id is not None:
+        return "a previous response that was never stored"
+    if req.top_logprobs:
+        return "top_logprobs on /v1/responses"
+    if req.max_output_tokens is not None and req.max_output_tokens > ENGINE.max_max_tokens:
+        return "max_output_tokens over engine.max_max_tokens"
+    try:
+        text = render_chat(chat_messages(req.instructions, stored_input_items(req)))
+    except InvalidRequest:
+        return "input the chat renderer refuses"
+    if len(bpe.encode(text)) + 1 > ENGINE.max_prompt_tokens:
+        return "input longer than engine.max_prompt_tokens"
+    return None
+
+
+STRUCTURED = ("response_format", "structured_outputs", "tools", "tool_choice", "text")
 
 
 def may_be_refused(body) -> bool:
     """A grammar, schema or tool list: whether it compiles, fits the tools or is supported is decided when the
     request is prepared (its 400 names the field), which JSON Schema cannot say beforehand."""
-    return isinstance(body, dict) and any(body.get(k) not in (None, {}, []) for k in STRUCTURED)
+    return isinstance(body, dict) and any(body.get(k) not in (None, {}, [], "auto") for k in STRUCTURED)
 
 
 def _check(case, bpe, headers=None):
