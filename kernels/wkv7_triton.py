@@ -32,17 +32,18 @@ import triton.language as tl
 
 from kernels import check_inputs
 
-__all__ = ["wkv7_triton", "wkv7_triton_step_", "wkv7_triton_varlen", "ensure_loadable"]
+__all__ = ["wkv7_triton", "wkv7_triton_step_", "wkv7_triton_varlen", "ensure_loadable", "interpreting"]
 
 
 def ensure_loadable() -> None:
     """The registry's hook: the kernels need a CUDA device, or the Triton interpreter for CPU tensors."""
-    if not torch.cuda.is_available() and not _interpreting():
+    if not torch.cuda.is_available() and not interpreting():
         raise RuntimeError("Triton kernels need a CUDA device (or TRITON_INTERPRET=1 set before kernels.wkv7_triton "
                            "is imported, to run them slowly on CPU)")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether the kernels were built for the Triton interpreter (CPU tensors) rather than compiled for a GPU."""
     return type(_wkv7_kernel).__name__ == "InterpretedFunction"
 
 

@@ -53,7 +53,7 @@ if _why_not:
 from kernels import get_wkv7  # noqa: E402
 import kernels.wkv7_triton as tri  # noqa: E402
 
-if not CUDA and not tri._interpreting():      # imported earlier, compiled for a GPU: load it again, interpreted
+if not CUDA and not tri.interpreting():      # imported earlier, compiled for a GPU: load it again, interpreted
     import importlib
     tri = importlib.reload(tri)
 
