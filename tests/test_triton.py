@@ -207,3 +207,17 @@ def test_gpu_head64_long_prompts(dtype):
     y1 = get_wkv7("triton_step_")(*(t[:, :1] for t in args[:-1]), state)
     y1_ref, s1_ref = reference(*(t[:, :1] for t in args[:-1]), args[-1])
     assert close(y1, y1_ref, dtype) and close(state, s1_ref, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="checks the CPU-only refusal")
+def test_without_cuda_or_interpreter_the_backend_says_why(tiny_pth):
+    """On a CPU without the interpreter, choosing triton fails at load time with the reason, not at the first
+    prompt (a fresh process: this one has the interpreter on)."""
+    import subprocess
+    code = ("from engine import load_model\nfrom engine.errors import ModelLoadError\n"
+            f"try:\n    load_model({str(tiny_pth)!r}, 'cpu fp32', wkv_backend='triton')\n"
+            "except ModelLoadError as exc:\n    print(exc)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "Triton kernels need a CUDA device" in out.stdout, out.stdout + out.stderr
