@@ -104,6 +104,9 @@ def bench_kernels(H: int, N: int, T: int, B: int, dtype, device) -> dict:
     for name in names:
         fn = kernels.get_wkv7(name)
         out[f"prefill {name}"] = T / timed(lambda: fn(*seq), device)
+    if device.type == "cuda":                            # the Triton token loop, against its chunked default
+        fn = kernels.get_wkv7("triton")
+        out["prefill triton loop"] = T / timed(lambda: fn(*seq, chunk_len=0), device)
     try:
         from fla.ops.rwkv7 import chunk_rwkv7          # state [N, H, K, V]: the transpose of ours
         r, w, k, v, a, b, s = seq

@@ -78,12 +78,14 @@ def close(got, want, dtype=torch.float32) -> bool:
     return rel_err(got.cpu(), want) < TOL[dtype] * GPU_SLACK
 
 
+@pytest.mark.parametrize("form", ["loop", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 64, 100])
-def test_sequence_matches_reference(T, dtype):
+def test_sequence_matches_reference(T, dtype, form):
+    """Both forms: the token loop, and chunks of 16 (the default from T = 16 on; T = 1 and 15 are one padded chunk)."""
     args = inputs(2, T, 2, 32, dtype, seed=T)
     copies = [t.clone() for t in args]
-    y, s = get_wkv7("triton")(*args)
+    y, s = tri.wkv7_triton(*args, chunk_len=0 if form == "loop" else 16)
     y_ref, s_ref = reference(*args)
     assert y.shape == (2, T, 2, 32) and s.shape == (2, 2, 32, 32) and y.dtype == s.dtype == torch.float32
     assert close(y, y_ref, dtype) and close(s, s_ref, dtype)
@@ -92,14 +94,15 @@ def test_sequence_matches_reference(T, dtype):
 
 def test_row_tiles_agree():
     """Splitting the state's rows over programs (as on a GPU) changes nothing: the rows evolve independently."""
-    args = inputs(1, 9, 3, 32, torch.float32, seed=2)
+    args = inputs(1, 20, 3, 32, torch.float32, seed=2)
     y_ref, s_ref = reference(*args)
-    for block_v in (8, 32):
-        y, s = tri.wkv7_triton(*args, block_v=block_v)
-        assert close(y, y_ref) and close(s, s_ref), block_v
+    for block_v, chunk_len in ((8, 0), (16, 0), (16, 16), (32, 16)):
+        y, s = tri.wkv7_triton(*args, block_v=block_v, chunk_len=chunk_len)
+        assert close(y, y_ref) and close(s, s_ref), (block_v, chunk_len)
 
 
 def test_split_invariance():
+    """40 tokens at once (chunked) equal 13 (token loop) then 27 (chunked, one padded chunk) carrying the state."""
     r, w, k, v, a, b, s0 = inputs(1, 40, 2, 32, torch.float32, seed=7)
     fn = get_wkv7("triton")
     y_all, s_all = fn(r, w, k, v, a, b, s0)
@@ -137,8 +140,9 @@ def test_step_rejects_sequences():
         get_wkv7("triton_step_")(*inputs(1, 3, 1, 16, torch.float32))
 
 
+@pytest.mark.parametrize("chunk_len", [0, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_variable_lengths_in_one_launch(dtype):
+def test_variable_lengths_in_one_launch(dtype, chunk_len):
     """Packed sequences of lengths 5, 0, 17, 1 and 16, each with its own initial state and final state."""
     lengths = [5, 0, 17, 1, 16]
     H, N = 2, 32
@@ -146,7 +150,7 @@ def test_variable_lengths_in_one_launch(dtype):
     packed = [torch.cat([s[j][0] for s in seqs]) for j in range(6)]               # [total, H, N]
     states = torch.cat([s[-1] for s in seqs])                                    # [S, H, N, N]
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    y, final = tri.wkv7_triton_varlen(*packed, states, cu)
+    y, final = tri.wkv7_triton_varlen(*packed, states, cu, chunk_len=chunk_len)
     assert y.shape == (sum(lengths), H, N) and final.shape == states.shape
     for i, s in enumerate(seqs):
         y_ref, s_ref = reference(*s)
@@ -200,9 +204,10 @@ def test_model_forward_matches_rwkv_package(parity_pair):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_head64_long_prompts(dtype):
     args = inputs(4, 700, 8, 64, dtype, seed=31)
-    y, s = get_wkv7("triton")(*args)
     y_ref, s_ref = reference(*args)
-    assert close(y, y_ref, dtype) and close(s, s_ref, dtype)
+    for chunk_len in (0, 16, 32):
+        y, s = tri.wkv7_triton(*args, chunk_len=chunk_len)
+        assert close(y, y_ref, dtype) and close(s, s_ref, dtype), chunk_len
     state = args[-1].clone()
     y1 = get_wkv7("triton_step_")(*(t[:, :1] for t in args[:-1]), state)
     y1_ref, s1_ref = reference(*(t[:, :1] for t in args[:-1]), args[-1])
