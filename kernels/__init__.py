@@ -29,6 +29,10 @@ Backends:
     native     token by token in native code (kernels/native.py: fp32 CPU states, built with the system C++
                compiler on first use); on CPU the model runs its fused form, the whole time mix in one pass
     native_step_  step_ in native code
+    triton     token by token in one Triton kernel per (sequence, head, row tile), fp32 state
+               (kernels/wkv7_triton.py, which also has the packed variable-length form); needs CUDA, or
+               TRITON_INTERPRET=1 before it is imported to run on CPU tensors
+    triton_step_  step_ in Triton
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "step_": ("kernels.wkv7_reference", "wkv7_step_"),   # in place, for decode
     "native": ("kernels.native", "wkv7_native"),
     "native_step_": ("kernels.native", "wkv7_step_"),
+    "triton": ("kernels.wkv7_triton", "wkv7_triton"),
+    "triton_step_": ("kernels.wkv7_triton", "wkv7_triton_step_"),
 }
 
 

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="'world' or a tokenizer file/directory (model.tokenizer; with --model alone: "
                     "the model directory's tokenizer, else world)")
     ap.add_argument("--strategy", help="e.g. 'cpu fp32', 'cuda bf16' (model.strategy)")
-    ap.add_argument("--wkv-backend", help="chunked or reference (model.wkv_backend)")
+    ap.add_argument("--wkv-backend", help="chunked, reference or triton (model.wkv_backend)")
     ap.add_argument("--host", help="interface to bind (server.host, default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="TCP port (server.port, default 8000)")
     ap.add_argument("--api-key", action="append", help="accepted bearer token; repeatable (server.api_keys; "

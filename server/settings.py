@@ -32,7 +32,7 @@ class ModelSettings:
     strategy: str = "cpu fp32"
     """Device and matmul dtype: cpu fp32, cpu bf16, cuda fp16, cuda bf16, cuda fp32, cuda:N <dtype>."""
     wkv_backend: str = "chunked"
-    """WKV-7 kernel where the native CPU kernels are off (CUDA, GOOSE_NATIVE_KERNELS=0): chunked or reference for prompts, the single-token step for decode. reference also turns the native kernels off."""
+    """WKV-7 kernel where the native CPU kernels are off (CUDA, GOOSE_NATIVE_KERNELS=0): chunked or reference for prompts, the single-token step for decode; triton (CUDA, the cuda extra) runs kernels/wkv7_triton.py for both. reference and triton also turn the native kernels off."""
     initial_states: dict[str, str] = field(default_factory=dict)
     """Initial states (RWKV-LM / RWKV-PEFT state-tuning files, .pth or .safetensors) by name; each is served as the model `<model>:<name>`. In the environment: name=path,name2=path2."""
 

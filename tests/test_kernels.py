@@ -80,8 +80,8 @@ def test_chunked_is_differentiable():
 
 def test_registry_errors():
     assert {"reference", "chunked", "step"} <= set(available_backends())
-    with pytest.raises(ValueError, match="unknown WKV-7 backend 'triton'.*available"):
-        get_wkv7("triton")
+    with pytest.raises(ValueError, match="unknown WKV-7 backend 'fast'.*available"):
+        get_wkv7("fast")
 
 
 def test_shape_errors():

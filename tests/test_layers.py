@@ -68,7 +68,7 @@ def test_runtime_dependencies_are_what_runtime_code_imports():
     imported = {m.split(".")[0] for pkg in ("engine", "server", "kernels", "goose") for p in modules(pkg)
                 for m in imports(p)} - set(sys.stdlib_module_names) - first_party
     runtime = names(project["dependencies"])
-    optional = names(project["optional-dependencies"]["fast"]) | names(project["optional-dependencies"]["redis"])
+    optional = set().union(*(names(project["optional-dependencies"][extra]) for extra in ("fast", "redis", "cuda")))
     assert runtime == imported - optional, (f"imported but not a dependency: {imported - optional - runtime}; "
                                             f"a dependency nothing imports: {runtime - imported}")
 

@@ -21,7 +21,8 @@ LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCAL
 LN_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5                  # head_size * 1e-5 in every released model (RWKV-LM "notice eps value")
 log = logging.getLogger("goose.engine")
-SEQUENCE_BACKENDS = ("chunked", "reference")  # torch kernels for T > 1 when the native time mix is off
+SEQUENCE_BACKENDS = ("chunked", "reference", "triton")  # kernels for T > 1 when the native time mix is off
+STEP_BACKENDS = {"chunked": "step_", "triton": "triton_step_"}  # decode (T = 1); reference uses itself
 
 
 Lora = tuple[torch.Tensor, torch.Tensor]   # (plain [out, in] for F.linear, the same prepared for the backend)
@@ -78,7 +79,8 @@ class RWKV7:
         """A hash of the weights and the config: states and outputs are only ever shared between equal models."""
         self.device, self.dtype = strategy.device, strategy.dtype
         self._wkv_seq = kernels.get_wkv7(wkv_backend)
-        self._wkv_step_ = kernels.get_wkv7("step_") if wkv_backend != "reference" else None
+        step = STEP_BACKENDS.get(wkv_backend)
+        self._wkv_step_ = kernels.get_wkv7(step) if step is not None else None
         self.wkv_backend = wkv_backend
         linear = select_linear(self.device, self.dtype, linear_backend)
         self.linear_backend, self._linear, pack = linear.name, linear.fn, linear.prepare
@@ -99,7 +101,8 @@ class RWKV7:
         self.head = mat("head.weight")                      # [V, C]
         self.layers = [self._prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
         self._native_time_mix = self._prepare_native(native_kernels)
-        self.decode_kernel = "native" if self._native_time_mix is not None else "torch"
+        self.decode_kernel = ("native" if self._native_time_mix is not None
+                              else "triton" if wkv_backend == "triton" else "torch")
 
     def _prepare_native(self, wanted: bool | None):
         """The fused native time mix per layer (kernels/native.py), for decode and prompts, or None for the
@@ -112,10 +115,10 @@ class RWKV7:
             wanted = {"0": False, "1": True}.get(_native_mode())
         if wanted is False:
             return None
-        if self.device.type != "cpu" or self.wkv_backend == "reference":
+        if self.device.type != "cpu" or self.wkv_backend != "chunked":
             if explicit:      # GOOSE_NATIVE_KERNELS=1 is about building them: it does not fail a CUDA model
                 why = (f"they run on CPU, the model is on {self.device}" if self.device.type != "cpu"
-                       else "the reference WKV backend was asked for")
+                       else f"the {self.wkv_backend} WKV backend was asked for")
                 raise ModelLoadError(f"native CPU kernels were required but cannot be used: {why}")
             return None
         cfg = self.config
@@ -304,6 +307,10 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
     if wkv_backend not in SEQUENCE_BACKENDS:
         raise ModelLoadError(f"unknown WKV-7 backend {wkv_backend!r} for the model; "
                              f"choose one of: {', '.join(SEQUENCE_BACKENDS)}")
+    try:
+        kernels.get_wkv7(wkv_backend)                   # an optional backend (triton) says now why it cannot load
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     try:
         prepare_device(strat)
     except ValueError as exc:
