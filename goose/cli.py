@@ -55,6 +55,11 @@ def _bench_linear(argv: list[str]) -> int:
     return main(argv)
 
 
+def _bench_quant(argv: list[str]) -> int:
+    from bench.quant import main
+    return main(argv)
+
+
 Runner = Callable[[list[str]], "int | None"]
 SUBCOMMANDS: dict[str, tuple[Runner, str]] = {
     "serve": (_serve, "serve a model over the OpenAI API (default: the embedded model on 127.0.0.1:8000)"),
@@ -68,6 +73,7 @@ BENCHMARKS: dict[str, tuple[Runner, str]] = {
     "concurrency": (_bench_concurrency, "AsyncEngine: aggregate tokens/s and TTFT at 1..128 streams; cached TTFT"),
     "memory": (_bench_memory, "peak RSS and decode ms/token after 1k, 16k and 128k tokens of context"),
     "linear": (_bench_linear, "matrix products: F.linear vs oneDNN, plain and packed, for the 0.1B shapes"),
+    "quant": (_bench_quant, "quantized strategies vs fp32: perplexity, top-1 agreement, logit deviation"),
 }
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from engine.model.linear import Linear, onednn_linear, probe_onednn
 
 QUANT_KINDS = ("i8", "i4")
+QUANTIZED = ("att", "ffn", "head")   # the matrix families quantized (see family); the rest stay float
 GROUP_SIZE = 64          # int4 columns per (scale, zero); see the README's quality table for 32/64/128
 DENSE_ROWS = 256         # fp32 activations with more rows than this: dequantize and use the float product
 CHUNK_ROWS = 2048        # rows quantized at once
@@ -165,12 +166,25 @@ def int4_product(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], N)
 
 
-def select_quantized(kind: str, device: torch.device) -> Linear:
-    """The Linear for the quantized matrices of a strategy ("i8" or "i4"); prepare() takes the float weight."""
+def family(key: str) -> str:
+    """The family of a checkpoint matrix for QUANTIZED: "head", "ffn" or "att" (receptance, key, value, output)."""
+    return "head" if key == "head.weight" else "ffn" if ".ffn." in key else "att"
+
+
+def select_quantized(kind: str, device: torch.device, float_linear: Linear) -> Linear:
+    """The product for the big matrices of a strategy ("i8" or "i4"): prepare() quantizes a float weight; fn()
+    multiplies a quantized one with the kernels above and a float one (a family left out of QUANTIZED) with
+    ``float_linear``."""
     if torch.device(device).type != "cpu":
         raise ValueError(f"quantized weights ({kind}) are implemented for the CPU only, not {device}")
     if kind == "i8":
-        return Linear("int8", int8_product, quantize_int8)
-    if kind == "i4":
-        return Linear("int4", int4_product, quantize_int4)
-    raise ValueError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANT_KINDS)}")
+        prepare, product = quantize_int8, int8_product
+    elif kind == "i4":
+        prepare, product = functools.partial(quantize_int4, group=GROUP_SIZE), int4_product
+    else:
+        raise ValueError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANT_KINDS)}")
+    float_fn = float_linear.fn
+
+    def fn(x: torch.Tensor, w) -> torch.Tensor:
+        return product(x, w) if isinstance(w, (Int8Weight, Int4Weight)) else float_fn(x, w)
+    return Linear("int8" if kind == "i8" else "int4", fn, prepare)

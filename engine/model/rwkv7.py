@@ -14,7 +14,7 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model.allocator import release_free_memory
 from engine.model.linear import select_linear
-from engine.model.quant import select_quantized
+from engine.model import quant
 from engine.model.state import RNNState
 from engine.model.strategy import Strategy, parse_strategy, prepare_device
 from engine.formats.checkpoint import load_weights, weights_identity
@@ -86,14 +86,18 @@ class RWKV7:
         self._linear, pack = linear.fn, linear.prepare                 # float products: the LoRA factors
         self._small_rows = linear.small_rows
         # the projections, the FFN and the head: quantized (engine/model/quant.py) or the float product
-        proj = select_quantized(strategy.quant, self.device) if strategy.quant else linear
+        proj = quant.select_quantized(strategy.quant, self.device, linear) if strategy.quant else linear
         self._proj = proj.fn
         self.linear_backend = linear.name if proj is linear else f"{proj.name} (LoRA: {linear.name})"
-        source_dtype = torch.float32 if strategy.quant else self.dtype          # quantized from fp32, one at a time
+        quantized = quant.QUANTIZED if strategy.quant else ()
 
         def f32(key: str) -> torch.Tensor:
             return _owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
-        mat = lambda key: proj.prepare(sd[key].to(device=self.device, dtype=source_dtype).contiguous())  # noqa: E731
+
+        def mat(key: str):                                  # quantized in fp32 by chunks of rows
+            if quant.family(key) in quantized:
+                return proj.prepare(sd[key])
+            return pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
             plain = _owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
@@ -318,7 +322,7 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
     try:
         linear = select_linear(strat.device, strat.dtype, linear_backend).name
         if strat.quant:
-            select_quantized(strat.quant, strat.device)
+            quant.select_quantized(strat.quant, strat.device, select_linear(strat.device, strat.dtype, linear))
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     _native_mode()                                      # a bad GOOSE_NATIVE_KERNELS fails before the weights load
