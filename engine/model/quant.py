@@ -121,9 +121,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     r and row r + 16's in the high one."""
     Np, half = packed.shape
     Kp = 2 * half
-    p = packed.view(Np // 32, Kp, 16).to(torch.int16)
-    q = torch.cat((p & 15, p >> 4), dim=2)                                      # [Np / 32, Kp, 32]
-    return q.transpose(1, 2).reshape(Np, Kp)
+    p = packed.view(Np // 32, Kp, 16)
+    q = torch.stack((p & 15, p >> 4), dim=1)                                    # [Np / 32, 2, Kp, 16] uint8
+    return q.transpose(2, 3).reshape(Np, Kp)
 
 
 @functools.cache
