@@ -217,7 +217,9 @@ def print_quant_table(quant_rows: dict, float_rows: dict, bandwidth: float, args
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in [(f"{d}", float_rows[d]) for d in float_rows] + list(quant_rows.items()):
         base = float_rows.get(name[:4])
-        ratio = (lambda key: f" ({r[key] / base[key]:.2f}x)" if base is not None and base is not r else "")  # noqa: E731
+
+        def ratio(key: str) -> str:
+            return f" ({r[key] / base[key]:.2f}x)" if base is not None and base is not r else ""
         bound = bandwidth / r["weight_bytes"]
         print(f"| cpu {name} | {r['weight_bytes'] / 1e6:.0f} MB | {r['prefill']:.0f}{ratio('prefill')} | "
               f"{r['decode']:.1f}{ratio('decode')} | {bound:.1f} | {100 * r['decode'] / bound:.0f}% | "
