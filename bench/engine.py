@@ -1,11 +1,16 @@
 """Engine benchmark: Goose vs the official rwkv==0.8.32 package on one random 0.1B-shaped checkpoint, same run.
 
-    python -m bench.engine [--dtypes fp32,bf16] [--prefill 1024] [--decode 32] [--batch 64]
+    python -m bench.engine [--dtypes fp32,bf16] [--quant fp32i8,bf16i8,bf16i4] [--prefill 1024] [--decode 32]
+                           [--batch 64]
 
 Prints prefill tokens/s (T=1024), single-stream decode tokens/s, and Goose's batched decode (aggregate
 tokens/s at B=64) with each figure's ratio to the reference. Targets: prefill >= 5x, single-stream decode
 >= 1.0x, B=64 aggregate >= 20x the reference's single stream. When llama-cpp-python is installed, a llama.cpp
 column runs the same checkpoint exported by `goose convert` to GGUF (F32 for fp32, BF16/F16 for bf16/fp16).
+
+A second table puts the quantized strategies (--quant) beside the float strategy with the same activation dtype,
+all Goose in the same run, with each single-stream decode's weight-read bound: the bytes of weights one token
+reads (every matrix once, one embedding row) divided by this machine's read bandwidth (measured at start).
 """
 from __future__ import annotations
 
@@ -54,11 +59,33 @@ def bench_reference(stem: str, dtype: str, T: int, n_decode: int, repeats: int) 
     return {"prefill": T / prefill, "decode": n_decode / timed(decode, repeats)}
 
 
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a single-stream decode step reads: every matrix (quantized or float) once, plus one
+    embedding row; vectors are counted too (they are tiny)."""
+    def nbytes(t) -> int:
+        if t is None:
+            return 0
+        if isinstance(t, tuple):                    # a LoRA (plain, prepared) pair: one of them is read
+            return nbytes(t[0])
+        if isinstance(t, torch.Tensor):
+            return t.numel() * t.element_size()
+        return t.nbytes                             # a quantized weight (engine/model/quant.py)
+    layers = sum(nbytes(v) for lw in model.layers for v in vars(lw).values())
+    return layers + nbytes(model.head) + model.emb[0].nbytes
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this process reads from memory: a sum over a buffer far larger than the caches."""
+    buf = torch.ones(megabytes << 18)               # fp32: megabytes MiB
+    return buf.nbytes / timed(lambda: buf.sum(), repeats)
+
+
 def bench_goose(path: str, dtype: str, T: int, n_decode: int, batch: int, repeats: int) -> dict:
     model = load_model(path, f"cpu {dtype}")
     prompt = torch.tensor([[(i * 7919) % 65536 for i in range(T)]])
     prefill = timed(lambda: model.forward(prompt, None), repeats)
-    results = {"prefill": T / prefill, "kernels": f"linear {model.linear_backend}, decode {model.decode_kernel}"}
+    results = {"prefill": T / prefill, "kernels": f"linear {model.linear_backend}, decode {model.decode_kernel}",
+               "weight_bytes": weight_bytes_per_token(model)}
     for B, key in ((1, "decode"), (batch, "batched")):
         _, state = model.forward(prompt[:, :8].expand(B, 8).contiguous(), None)
         toks = torch.arange(B).view(B, 1) + 100
@@ -112,6 +139,9 @@ def export_gguf(pth: str, dtype: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="goose bench engine", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--quant", default="fp32i8,bf16i8,bf16i4",
+                    help="quantized strategies, Goose only, beside the float one with their activation dtype "
+                         "('' for none)")
     ap.add_argument("--prefill", type=int, default=1024, help="prompt length T for prefill")
     ap.add_argument("--decode", type=int, default=32, help="tokens per single-stream decode measurement")
     ap.add_argument("--batch", type=int, default=64, help="batch size of the batched decode")
@@ -139,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                 llama = call_in_new_thread(bench_llamacpp, gguf_path, args.prefill, args.decode, args.repeats)
                 os.remove(gguf_path)
             rows.append((dtype, ref, ours, llama))
+        quant_rows = {}
+        for name in [q for q in args.quant.split(",") if q]:
+            print(f"[cpu {name}] goose ...", file=sys.stderr)
+            quant_rows[name] = call_in_new_thread(bench_goose, stem + ".pth", name, args.prefill, args.decode,
+                                                  args.batch, args.repeats)
+        bandwidth = call_in_new_thread(read_bandwidth) if quant_rows else 0.0
     print(f"\nmachine: {machine_line()}")
     print("model: random RWKV-7 0.1B shape (L12 C768 H12 N64 V65536); reference: rwkv 0.8.32 (RWKV_JIT_ON=1)")
     print("goose kernels: " + "; ".join(f"cpu {dtype}: {ours['kernels']}" for dtype, _, ours, _ in rows)
@@ -167,7 +203,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{ours['decode'] / ref['decode']:.2f}x | >= 1.0x |{extra(llama, ours, 'decode')}")
         print(f"| {s} | decode B={args.batch} aggregate | {ref['decode']:.1f} (B=1) | {ours['batched']:.0f} | "
               f"{ours['batched'] / ref['decode']:.1f}x | >= 20x |{extra(llama, ours, None)}")
+    if quant_rows:
+        print_quant_table(quant_rows, {dtype: ours for dtype, _, ours, _ in rows}, bandwidth, args)
     return 0
+
+
+def print_quant_table(quant_rows: dict, float_rows: dict, bandwidth: float, args) -> None:
+    """Quantized strategies beside the float one with the same activations; B=1 decode against its bound."""
+    print(f"\nquantized strategies (Goose, same run); read bandwidth {bandwidth / 1e9:.1f} GB/s (a sum over 512 MiB); "
+          f"bound = weight bytes per token / bandwidth")
+    print(f"| strategy | weights read per token | prefill T={args.prefill} tok/s | decode B=1 tok/s | "
+          f"B=1 bound tok/s | share of bound | decode B={args.batch} tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in [(f"{d}", float_rows[d]) for d in float_rows] + list(quant_rows.items()):
+        base = float_rows.get(name[:4])
+
+        def ratio(key: str) -> str:
+            return f" ({r[key] / base[key]:.2f}x)" if base is not None and base is not r else ""
+        bound = bandwidth / r["weight_bytes"]
+        print(f"| cpu {name} | {r['weight_bytes'] / 1e6:.0f} MB | {r['prefill']:.0f}{ratio('prefill')} | "
+              f"{r['decode']:.1f}{ratio('decode')} | {bound:.1f} | {100 * r['decode'] / bound:.0f}% | "
+              f"{r['batched']:.0f}{ratio('batched')} |")
+    print("(x): against the float strategy with the same activation dtype; goose kernels: "
+          + "; ".join(f"cpu {n}: {r['kernels']}" for n, r in quant_rows.items()))
 
 
 if __name__ == "__main__":

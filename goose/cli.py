@@ -60,6 +60,11 @@ def _bench_conversation(argv: list[str]) -> int:
     return main(argv)
 
 
+def _bench_quant(argv: list[str]) -> int:
+    from bench.quant import main
+    return main(argv)
+
+
 Runner = Callable[[list[str]], "int | None"]
 SUBCOMMANDS: dict[str, tuple[Runner, str]] = {
     "serve": (_serve, "serve a model over the OpenAI API (default: the embedded model on 127.0.0.1:8000)"),
@@ -75,6 +80,7 @@ BENCHMARKS: dict[str, tuple[Runner, str]] = {
     "linear": (_bench_linear, "matrix products: F.linear vs oneDNN, plain and packed, for the 0.1B shapes"),
     "conversation": (_bench_conversation, "50 turns by previous_response_id vs resending the history: TTFT per "
                      "turn; bytes and load time of a stored state"),
+    "quant": (_bench_quant, "quantized strategies vs fp32: perplexity, top-1 agreement, logit deviation"),
 }
 
 

@@ -33,15 +33,29 @@ def tune_malloc(env=os.environ) -> bool:
     """Apply SETTINGS through glibc's mallopt; True when every one was accepted."""
     if env.get("GOOSE_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):           # not glibc (musl has no mallopt)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     ok = all(mallopt(param, value) == 1 for param, value in SETTINGS)
     if not ok:
         log.warning("glibc mallopt refused part of the allocator settings; large temporaries may page-fault")
     return ok
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc malloc_trim), once after loading a model: quantizing
+    at load frees many float temporaries of a few MB that would otherwise stay resident (cpu bf16i8 on the
+    0.1B shape: +709 MB of anonymous memory after load without it, +237 MB with it, for 258 MB of weights)."""
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc(name: str):
+    """glibc's function ``name``, or None elsewhere (musl has no mallopt nor malloc_trim; macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None

@@ -12,7 +12,9 @@ import kernels
 from kernels import native
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.model.allocator import release_free_memory
 from engine.model.linear import select_linear
+from engine.model import quant
 from engine.model.state import RNNState
 from engine.model.strategy import Strategy, parse_strategy, prepare_device
 from engine.formats.checkpoint import load_weights, weights_identity
@@ -83,12 +85,21 @@ class RWKV7:
         self._wkv_step_ = kernels.get_wkv7(step) if step is not None else None
         self.wkv_backend = wkv_backend
         linear = select_linear(self.device, self.dtype, linear_backend)
-        self.linear_backend, self._linear, pack = linear.name, linear.fn, linear.prepare
+        self._linear, pack = linear.fn, linear.prepare                 # float products: the LoRA factors
         self._small_rows = linear.small_rows
+        # the projections, the FFN and the head: quantized (engine/model/quant.py) or the float product
+        proj = quant.select_quantized(strategy.quant, self.device, linear) if strategy.quant else linear
+        self._proj = proj.fn
+        self.linear_backend = linear.name if proj is linear else f"{proj.name} (LoRA: {linear.name})"
+        quantized = quant.QUANTIZED if strategy.quant else ()
 
         def f32(key: str) -> torch.Tensor:
             return _owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
-        mat = lambda key: pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())   # noqa: E731
+
+        def mat(key: str):                                  # quantized in fp32 by chunks of rows
+            if quant.family(key) in quantized:
+                return proj.prepare(sd[key])
+            return pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
             plain = _owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
@@ -167,7 +178,7 @@ class RWKV7:
         keep a snapshot. logits: float32 [B, T, V] with full_output, else [B, V] for the last position.
         """
         hidden, state = self.forward_hidden(tokens, state, full_output=full_output)
-        return self._linear(hidden.to(self.dtype), self.head).float(), state
+        return self._proj(hidden.to(self.dtype), self.head).float(), state
 
     __call__ = forward
 
@@ -219,7 +230,7 @@ class RWKV7:
         else:
             mixed = torch.addcmul(h, self._shift(h, state.att_x[i]) - h, lw.att_mix).to(dt)
         state.att_x[i].copy_(h[:, -1])
-        lin = self._linear
+        lin = self._proj
         xr, xk, xv, xw, xa, xg = mixed.unbind(0)
         S = state.wkv[i]
         fused = self._native_time_mix is not None and S.is_contiguous()
@@ -281,8 +292,8 @@ class RWKV7:
         else:
             xk = torch.addcmul(h, self._shift(h, state.ffn_x[i]) - h, lw.ffn_mix).to(self.dtype)
         state.ffn_x[i].copy_(h[:, -1])
-        hidden = torch.relu_(self._linear(xk, lw.ffn_key)).square_()                   # [B, T, F]
-        return self._linear(hidden, lw.ffn_value)          # in dt: the residual add widens it
+        hidden = torch.relu_(self._proj(xk, lw.ffn_key)).square_()                     # [B, T, F]
+        return self._proj(hidden, lw.ffn_value)          # in dt: the residual add widens it
 
 
 def _native_mode() -> str:
@@ -317,9 +328,14 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
         raise ModelLoadError(str(exc)) from None
     try:
         linear = select_linear(strat.device, strat.dtype, linear_backend).name
+        if strat.quant:
+            quant.select_quantized(strat.quant, strat.device, select_linear(strat.device, strat.dtype, linear))
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     _native_mode()                                      # a bad GOOSE_NATIVE_KERNELS fails before the weights load
     sd, config = load_weights(path)
-    return RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear,
-                 native_kernels=native_kernels)
+    model = RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear,
+                  native_kernels=native_kernels)
+    del sd
+    release_free_memory()                               # the load's temporaries (quantizing, casting) go back
+    return model

@@ -1,4 +1,5 @@
-"""Strategy strings in the form RWKV users know ("cpu fp32", "cuda:1 bf16", ...) parsed into a device and dtype."""
+"""Strategy strings in the form RWKV users know ("cpu fp32", "cpu bf16i8", "cuda:1 bf16", ...) parsed into a device,
+an activation dtype and, for "i8"/"i4", the quantization of the big matrices (engine/model/quant.py)."""
 from __future__ import annotations
 
 import re
@@ -6,17 +7,21 @@ from dataclasses import dataclass
 
 import torch
 
-VALID_FORMS = ("cpu fp32", "cpu bf16", "cuda fp16", "cuda bf16", "cuda fp32", "cuda:N <dtype>")
+VALID_FORMS = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu fp32i4", "cpu bf16i4",
+               "cuda fp16", "cuda bf16", "cuda fp32", "cuda:N <dtype>")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_PATTERN = re.compile(r"^\s*(cpu|cuda(?::(\d+))?)\s+(fp32|bf16|fp16)\s*$")
+_PATTERN = re.compile(r"^\s*(cpu|cuda(?::(\d+))?)\s+(fp32|bf16|fp16)(i8|i4)?\s*$")
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """Where the model runs and the dtype of its matmuls; the recurrent state and norms are always fp32."""
+    """Where the model runs and the dtype of its activations; the recurrent state and norms are always fp32.
+    quant: None (float weights in ``dtype``), "i8" (int8 per output channel) or "i4" (4-bit in groups) for the
+    projections, the FFN and the head (engine/model/quant.py says which matrices and why)."""
     device: torch.device
     dtype: torch.dtype
     text: str
+    quant: str | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -30,15 +35,18 @@ def parse_strategy(text: str) -> Strategy:
     m = _PATTERN.match(text)
     if m is None:
         hint = ""
-        if "->" in text or "*" in text or "i8" in text:
-            hint = " (layer-split and int8 strategies of the rwkv package are not supported for RWKV-7)"
+        if "->" in text or "*" in text:
+            hint = " (layer-split strategies of the rwkv package are not supported for RWKV-7)"
         raise ValueError(f"invalid strategy {text!r}{hint}; valid forms: {', '.join(VALID_FORMS)}")
-    device_text, _, dtype_text = m.groups()
+    device_text, _, dtype_text, quant = m.groups()
     if device_text == "cpu" and dtype_text == "fp16":
         raise ValueError(f"invalid strategy {text!r}: fp16 matmuls on the CPU are slow and lossy; "
                          f"use 'cpu bf16' or 'cpu fp32'. Valid forms: {', '.join(VALID_FORMS)}")
+    if quant and device_text != "cpu":
+        raise ValueError(f"invalid strategy {text!r}: quantized weights ({quant}) are implemented for the CPU "
+                         f"only so far; valid forms: {', '.join(VALID_FORMS)}")
     return Strategy(device=torch.device(device_text), dtype=_DTYPES[dtype_text],
-                    text=f"{device_text} {dtype_text}")
+                    text=f"{device_text} {dtype_text}{quant or ''}", quant=quant)
 
 
 def prepare_device(strategy: Strategy) -> None:
