@@ -34,7 +34,7 @@ from tests.test_weights import blinkdl_to_fla
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-AUSTEN_TOKENIZER = WORLD_VOCAB_PATH.parents[2] / "models" / "rwkv7-austen" / "tokenizer.json"
+AUSTEN_TOKENIZER = WORLD_VOCAB_PATH.parents[3] / "models" / "rwkv7-austen" / "tokenizer.json"
 # Matrices that take the file type in GGUF (everything else is F32), in BlinkDL names.
 FILE_TYPE_SUFFIXES = ("emb.weight", "head.weight", "att.receptance.weight", "att.key.weight", "att.value.weight",
                       "att.output.weight", "ffn.key.weight", "ffn.value.weight",
