@@ -55,14 +55,9 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _wkv7_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr,     # [total, H, N], contiguous
-                 s0_ptr, s0_sb, s0_sh, s0_si, s0_sj,            # initial states, any strides
-                 s1_ptr, s1_sb, s1_sh, s1_si, s1_sj,            # final states (may alias s0: in place)
-                 y_ptr,                                         # [total, H, N] fp32
-                 cu_ptr, T,                                     # VARLEN: cu_seqlens [S + 1]; else every length T
-                 H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr):
+def _program_sequence(cu_ptr, T, H: tl.constexpr, VARLEN: tl.constexpr):
+    """(sequence, head, first token, end token) of this program: program axis 0 walks sequence x head."""
     pid_sh = tl.program_id(0)
-    pid_v = tl.program_id(1)
     seq = pid_sh // H
     h = pid_sh % H
     if VARLEN:
@@ -71,6 +66,18 @@ def _wkv7_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr,     # [total, H, N], 
     else:
         bos = seq.to(tl.int64) * T
         eos = bos + T
+    return seq, h, bos, eos
+
+
+@triton.jit
+def _wkv7_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr,     # [total, H, N], contiguous
+                 s0_ptr, s0_sb, s0_sh, s0_si, s0_sj,            # initial states, any strides
+                 s1_ptr, s1_sb, s1_sh, s1_si, s1_sj,            # final states (may alias s0: in place)
+                 y_ptr,                                         # [total, H, N] fp32
+                 cu_ptr, T,                                     # VARLEN: cu_seqlens [S + 1]; else every length T
+                 H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr):
+    seq, h, bos, eos = _program_sequence(cu_ptr, T, H, VARLEN)
+    pid_v = tl.program_id(1)
     offs_i = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)            # value index: the state rows of this tile
     offs_j = tl.arange(0, N)                                    # key index: the whole row
     s0 = s0_ptr + seq * s0_sb + h * s0_sh
@@ -99,16 +106,8 @@ def _wkv7_chunk_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr,
                        H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, L: tl.constexpr,
                        VARLEN: tl.constexpr):
     """The chunked (WY) form of kernels/wkv7_chunked.py, L tokens per step, same arguments as _wkv7_kernel."""
-    pid_sh = tl.program_id(0)
+    seq, h, bos, eos = _program_sequence(cu_ptr, T, H, VARLEN)
     pid_v = tl.program_id(1)
-    seq = pid_sh // H
-    h = pid_sh % H
-    if VARLEN:
-        bos = tl.load(cu_ptr + seq).to(tl.int64)
-        eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    else:
-        bos = seq.to(tl.int64) * T
-        eos = bos + T
     offs_i = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_j = tl.arange(0, N)
     offs_t = tl.arange(0, L)
