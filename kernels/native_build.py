@@ -1,4 +1,4 @@
-"""Build, cache and load the native CPU kernels' shared library (kernels/csrc/rwkv7_cpu.cpp) with the system C++
+"""Build, cache and load the native CPU kernels' shared library (every kernels/csrc/*.cpp, one library) with the system C++
 compiler, and check it against torch before it is used; kernels/native.py calls it from torch.
 
 Build: ``$CXX`` (else c++ / g++) with OpenMP, no torch headers (about a second), linked against the OpenMP
@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 __all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "build_dir",
-           "openmp_runtimes", "SOURCE", "ABI_VERSION"]
+           "openmp_runtimes", "SOURCE", "SOURCES", "ABI_VERSION"]
 
 log = logging.getLogger("goose.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
+SOURCES = sorted(SOURCE.parent.glob("*.cpp"))   # one library from every file in csrc/ (the time mix is SOURCE)
 ABI_VERSION = 6
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
 _OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
@@ -116,7 +117,10 @@ def _torch_openmp() -> str | None:
 def _library_name() -> str:
     """Hash of what determines the binary: source, flags, OpenMP runtime, platform (not the compiler: a
     prebuilt library must load on a machine that has none)."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for source in SOURCES:
+        h.update(source.name.encode())
+        h.update(source.read_bytes())
     h.update(" ".join(_flags()).encode())
     h.update(os.path.basename(_torch_openmp() or "-fopenmp").encode())
     h.update(f"{sys.platform}-{platform.machine()}".encode())
@@ -134,24 +138,24 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
-    obj = tmp[:-len(".so")] + ".o"
+    objs = [f"{tmp[:-len('.so')]}.{source.stem}.o" for source in SOURCES]
     cxx, omp = _compiler(), _torch_openmp()
     link_omp = [omp, f"-Wl,-rpath,{os.path.dirname(omp)}"] if omp else ["-fopenmp"]
-    steps = ([cxx, *_flags(), "-c", str(SOURCE), "-o", obj],
-             [cxx, "-shared", obj, *link_omp, "-o", tmp])
+    steps = [(source, [cxx, *_flags(), "-c", str(source), "-o", obj]) for source, obj in zip(SOURCES, objs)]
+    steps.append((SOURCE, [cxx, "-shared", *objs, *link_omp, "-o", tmp]))
     t0 = time.perf_counter()
     try:
-        for cmd in steps:
+        for source, cmd in steps:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
-                raise NativeUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
+                raise NativeUnavailable(f"building {source.name} failed ({' '.join(cmd)}):\n"
                                         f"{proc.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)             # mkstemp makes 0600: other users (a container's runtime uid) must load it
         os.replace(tmp, target)          # atomic: a concurrent build or load sees the old file or the whole new one
     except subprocess.TimeoutExpired:
-        raise NativeUnavailable(f"building {SOURCE.name} took over 300 s; gave up") from None
+        raise NativeUnavailable("building the native kernels took over 300 s; gave up") from None
     finally:
-        for leftover in (tmp, obj):
+        for leftover in (tmp, *objs):
             if os.path.exists(leftover):
                 os.unlink(leftover)
     log.info("built the native CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
