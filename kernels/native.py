@@ -1,5 +1,5 @@
 """Native CPU kernels for RWKV-7's time mix (kernels/csrc/rwkv7_cpu.cpp) as torch ops: the registry's native
-backends, the fused time mix, the token-shift mix and the sampler; kernels/native_build.py builds and loads the library.
+backends, the fused time mix, the sampler and the token mask (the rest of a layer: kernels/native_decode.py); kernels/native_build.py builds and loads the library.
 
 Why: a B=64 decode step spent ~13 ms of ~125 in the WKV-7 step (the state read and written several times per
 token) and ~10 ms more in the time mix's small elementwise ops; a 1024-token prompt spent ~470 ms in the
@@ -19,11 +19,12 @@ from kernels.native_build import (
     build_dir,
     ensure_loadable,
     load,
+    load_for_head_size,
     mode,
     status,
 )
 
-__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "shift_mix", "sample_rows", "apply_token_mask", "build_dir",
+__all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "wkv7_step_", "wkv7_native", "TimeMix", "sample_rows", "apply_token_mask", "build_dir",
            "SOURCE"]
 
 _MIX_DTYPES = {torch.float32: 0, torch.bfloat16: 1}    # the dtypes rows come and go in (flag values for C)
@@ -93,10 +94,7 @@ class TimeMix:
 
     def __init__(self, n_head: int, head_size: int, *, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps: float,
                  log_decay_scale: float):
-        self._lib = load()
-        if head_size > self._lib.max_head_size:
-            raise NativeUnavailable(f"head size {head_size} is above the native kernel's limit "
-                                    f"{self._lib.max_head_size}")
+        self._lib = load_for_head_size(head_size)
         self.H, self.N = n_head, head_size
         C = n_head * head_size
         self._vecs = [_f32_rows(name, t.reshape(-1), (C,)) if t is not None else None for name, t in (
@@ -136,26 +134,6 @@ class TimeMix:
                                self._eps, self._scale, state.data_ptr(), out.data_ptr())
         return out
 
-
-
-def shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """RWKV's token shift and mixing in one pass: x [B, T, C] float32 (a layer norm's output), prev [B, C]
-    float32 (the token before x's first, from the state), mix [M, C] float32. Returns [M, B, T, C] in
-    ``dtype`` (float32, or bfloat16 rounded to nearest even as torch rounds): x + (x_shifted - x) * mix[m]."""
-    if dtype not in _MIX_DTYPES:
-        raise ValueError(f"shift_mix writes float32 or bfloat16, not {dtype}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, T, C], got {tuple(x.shape)}")
-    B, T, C = x.shape
-    M = mix.shape[0] if mix.dim() == 2 else 0
-    x = _f32_rows("x", x, (B, T, C))
-    prev = _f32_rows("prev", prev, (B, C))
-    mix = _f32_rows("mix", mix, (M, C))
-    out = torch.empty((M, B, T, C), dtype=dtype)
-    if out.numel():
-        load().shift_mix(B, T, C, M, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), _MIX_DTYPES[dtype],
-                         out.data_ptr())
-    return out
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

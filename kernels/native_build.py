@@ -31,13 +31,15 @@ from pathlib import Path
 import torch
 
 __all__ = ["NativeUnavailable", "load", "mode", "ensure_loadable", "available", "status", "build_dir",
-           "openmp_runtimes", "SOURCE", "SOURCES", "ABI_VERSION"]
+           "openmp_runtimes", "SOURCE", "SOURCES", "ABI_VERSION",
+           "load_for_head_size"]
 
 log = logging.getLogger("goose.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
 SOURCES = sorted(SOURCE.parent.glob("*.cpp"))   # one library from every file in csrc/ (the time mix is SOURCE)
-ABI_VERSION = 6
+HEADERS = sorted(SOURCE.parent.glob("*.h"))
+ABI_VERSION = 7
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
 _OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
 
@@ -58,19 +60,25 @@ class _Lib:
         lib.goose_rwkv7_time_mix.argtypes = [i64, i64, i64, i64, ctypes.c_int, ctypes.c_int] + [ptr] * 16 + [
             f32, f32, ptr, ptr]
         lib.goose_rwkv7_time_mix.restype = None
-        lib.goose_shift_mix.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr]
-        lib.goose_shift_mix.restype = None
         self.abi = lib.goose_abi_version()
         self.max_head_size = lib.goose_max_head_size()
         self.wkv7_seq = lib.goose_wkv7_seq
         self.time_mix = lib.goose_rwkv7_time_mix
-        self.shift_mix = lib.goose_shift_mix
         lib.goose_sample_rows.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr]
         lib.goose_sample_rows.restype = None
         self.sample_rows = lib.goose_sample_rows
         lib.goose_apply_token_mask.argtypes = [i64, i64, ptr, i64, ptr, ptr, i64]
         lib.goose_apply_token_mask.restype = None
         self.apply_token_mask = lib.goose_apply_token_mask
+        # decode_cpu.cpp: the layer's work between the big products (kernels/native_decode.py)
+        lib.goose_residual_ln_mix.argtypes = [i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, f32, ptr, ptr,
+                                              ctypes.c_int, ptr]
+        lib.goose_residual_ln_mix.restype = None
+        self.residual_ln_mix = lib.goose_residual_ln_mix
+        lib.goose_lora_time_mix.argtypes = ([i64, i64, i64, ctypes.c_int] + [ptr] * 8 + [ctypes.c_int]
+                                            + [ptr, ptr, i64] * 4 + [ptr] * 8 + [f32, f32, ptr, ctypes.c_int, ptr])
+        lib.goose_lora_time_mix.restype = None
+        self.lora_time_mix = lib.goose_lora_time_mix
         self._handle = lib
 
 
@@ -118,7 +126,7 @@ def _library_name() -> str:
     """Hash of what determines the binary: source, flags, OpenMP runtime, platform (not the compiler: a
     prebuilt library must load on a machine that has none)."""
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         h.update(source.name.encode())
         h.update(source.read_bytes())
     h.update(" ".join(_flags()).encode())
@@ -163,7 +171,7 @@ def _build(target: Path) -> None:
 
 def _self_test(lib: _Lib) -> None:
     """The library against torch on small inputs: the WKV recurrence at head sizes 16 and 64 in both layouts
-    (one token, then a prompt's transposed walk), the token-shift mix, and the sampler's edge cases. A
+    (one token, then a prompt's transposed walk), decode_cpu.cpp's calls, and the sampler's edge cases. A
     miscompiled kernel must never serve."""
     from kernels.wkv7_reference import wkv7_step_ as torch_step_
     g = torch.Generator().manual_seed(0)
@@ -188,12 +196,7 @@ def _self_test(lib: _Lib) -> None:
         if not err < 1e-5:
             raise NativeUnavailable(f"{lib.path} gives wrong results (WKV, head size {N}: relative error "
                                     f"{err:.2e} against torch)")
-    x, prev, mix = torch.randn(2, 3, 40, generator=g), torch.randn(2, 40, generator=g), torch.rand(2, 40, generator=g)
-    out = torch.empty(2, 2, 3, 40)
-    lib.shift_mix(2, 3, 40, 2, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), 0, out.data_ptr())
-    want = torch.addcmul(x, torch.cat((prev.unsqueeze(1), x[:, :-1]), 1) - x, mix.view(2, 1, 1, 40))
-    if not torch.allclose(out, want, rtol=1e-6, atol=1e-6):
-        raise NativeUnavailable(f"{lib.path} gives wrong results (token-shift mix)")
+    _self_test_decode(lib, g)
     logits = torch.full((3, 300), float("-inf"))
     logits[0, 123], logits[1, 7], logits[1, 299] = 0.0, 5.0, -30.0
     picked = torch.empty(3, dtype=torch.int64)
@@ -207,6 +210,45 @@ def _self_test(lib: _Lib) -> None:
     lib.apply_token_mask(1, 70, logits.data_ptr(), 70, rows.data_ptr(), bits.data_ptr(), 3)
     if not (torch.isfinite(logits[1]).nonzero().flatten().tolist() == [*range(31), 64] and bool(logits[0].eq(0).all())):
         raise NativeUnavailable(f"{lib.path} gives wrong results (token mask)")
+
+
+def _self_test_decode(lib: _Lib, g: torch.Generator) -> None:
+    """decode_cpu.cpp against torch: the residual + layer norm + shift mix, and the LoRA chains of the LoRA + time
+    mix call (its time mix is the one checked above; the in-context rate's factors are zero)."""
+    F = torch.nn.functional
+    B, C, H, N, D = 2, 64, 2, 32, 8
+    x, dx, prev = torch.randn(B, 1, C, generator=g), torch.randn(B, 1, C, generator=g), torch.randn(B, C, generator=g)
+    w, b, mix = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), torch.rand(2, C, generator=g)
+    h = F.layer_norm(x + dx, (C,), w, b, 1e-5)
+    want = h + (prev.unsqueeze(1) - h) * mix.view(2, 1, 1, C)
+    out = torch.empty(2, B, 1, C)
+    lib.residual_ln_mix(B, 1, C, 2, x.data_ptr(), dx.data_ptr(), 0, w.data_ptr(), b.data_ptr(), 1e-5, prev.data_ptr(),
+                        mix.data_ptr(), 0, out.data_ptr())
+    if not (torch.allclose(out, want, rtol=1e-5, atol=1e-5) and torch.allclose(prev, h[:, 0], atol=1e-5)):
+        raise NativeUnavailable(f"{lib.path} gives wrong results (residual + layer norm + shift mix)")
+    rows = [torch.randn(B, C, generator=g) for _ in range(7)]               # xw, xa, xg, xv, r, k, v
+    w1, w2, g1, g2 = (torch.randn(*shape, generator=g) * 0.2 for shape in ((D, C), (C, D), (D, C), (C, D)))
+    zeros = torch.zeros(D, C), torch.zeros(C, D)
+    vecs = [torch.randn(C, generator=g) * 0.2 for _ in range(8)]
+    outs, states = [], []
+    for w_lora in (F.linear(torch.tanh(F.linear(rows[0], w1)), w2), None):
+        state = torch.ones(B, H, N, N) * 0.1
+        out = torch.empty(B, C)
+        if w_lora is not None:       # the torch LoRA into the checked time mix, a_lora and g through their bases
+            a_lora, g_row = torch.zeros(B, C), F.linear(torch.sigmoid(F.linear(rows[2], g1)), g2)
+            lib.time_mix(B, 1, H, N, 0, 0, rows[4].data_ptr(), w_lora.data_ptr(), rows[5].data_ptr(),
+                         rows[6].data_ptr(), a_lora.data_ptr(), None, None, g_row.data_ptr(),
+                         *(v.data_ptr() for v in vecs[:2]), None, *(v.data_ptr() for v in vecs[3:]), 64e-5, -0.6,
+                         state.data_ptr(), out.data_ptr())
+        else:
+            lib.lora_time_mix(B, H, N, 0, *(t.data_ptr() for t in rows), None, 0, w1.data_ptr(), w2.data_ptr(), D,
+                              zeros[0].data_ptr(), zeros[1].data_ptr(), D, g1.data_ptr(), g2.data_ptr(), D,
+                              None, None, 0, *(v.data_ptr() for v in vecs[:2]), None,
+                              *(v.data_ptr() for v in vecs[3:]), 64e-5, -0.6, state.data_ptr(), 0, out.data_ptr())
+        outs.append(out)
+        states.append(state)
+    if not (torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5) and torch.allclose(states[0], states[1], atol=1e-5)):
+        raise NativeUnavailable(f"{lib.path} gives wrong results (LoRA chains + time mix)")
 
 
 _lock = threading.Lock()
@@ -267,6 +309,14 @@ def load() -> _Lib:
             raise _failure from exc
         _loaded = lib
         return lib
+
+
+def load_for_head_size(head_size: int) -> _Lib:
+    """The library, for kernels that hold a head's state in fixed buffers: NativeUnavailable above their limit."""
+    lib = load()
+    if head_size > lib.max_head_size:
+        raise NativeUnavailable(f"head size {head_size} is above the native kernel's limit {lib.max_head_size}")
+    return lib
 
 
 def ensure_loadable() -> None:

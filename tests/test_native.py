@@ -95,8 +95,6 @@ def test_native_step_refuses_what_it_cannot_run():
     r, w, k, v, a, b, s = make_inputs(1, 1, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="runs on CPU, but r is on meta"):
         get_wkv7("native_step_")(r.to("meta"), w, k, v, a, b, s)
-    with pytest.raises(ValueError, match=r"prev has shape \(8, 2\), expected \(2, 8\)"):
-        native.shift_mix(torch.randn(2, 3, 8), torch.randn(8, 2), torch.rand(1, 8), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -205,7 +203,7 @@ def test_a_failing_build_reports_the_compiler_error(monkeypatch, fresh_native, t
     cxx.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
     cxx.chmod(0o755)
     monkeypatch.setenv("CXX", str(cxx))
-    with pytest.raises(native.NativeUnavailable, match="(?s)building rwkv7_cpu.cpp failed.*this compiler is broken"):
+    with pytest.raises(native.NativeUnavailable, match="(?s)building [a-z0-9_]+\\.cpp failed.*this compiler is broken"):
         native.load()
     with pytest.raises(native.NativeUnavailable, match="this compiler is broken"):    # remembered, not retried
         native.load()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import native
+from kernels import native, native_decode
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model.allocator import release_free_memory
@@ -25,6 +25,7 @@ GROUP_NORM_EPS = 64e-5                  # head_size * 1e-5 in every released mod
 log = logging.getLogger("goose.engine")
 SEQUENCE_BACKENDS = ("chunked", "reference", "triton")  # kernels for T > 1 when the native time mix is off
 STEP_BACKENDS = {"chunked": "step_", "triton": "triton_step_"}  # decode (T = 1); reference uses itself
+DECODE_ROWS = 16        # single-token steps of up to this many sequences take the native LoRA + time mix call
 
 
 Lora = tuple[torch.Tensor, torch.Tensor]   # (plain [out, in] for F.linear, the same prepared for the backend)
@@ -37,7 +38,7 @@ class LayerWeights:
     LoRA factors are (plain, prepared) pairs: see RWKV7._lora."""
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
-    att_mix: torch.Tensor                 # [6, 1, 1, C] fp32: x_r, x_k, x_v, x_w, x_a, x_g
+    att_mix: torch.Tensor                 # [6, C] fp32: x_r, x_k, x_v, x_w, x_a, x_g
     w_r: torch.Tensor                     # [A, C] receptance
     w_k: torch.Tensor                     # [A, C] key
     w_v: torch.Tensor                     # [A, C] value
@@ -57,7 +58,7 @@ class LayerWeights:
     k_a: torch.Tensor                     # [A] fp32
     r_k: torch.Tensor                     # [H, N] fp32
     ln_x: tuple[torch.Tensor, torch.Tensor]
-    ffn_mix: torch.Tensor                 # [C] fp32
+    ffn_mix: torch.Tensor                 # [1, C] fp32
     ffn_key: torch.Tensor                 # [F, C]
     ffn_value: torch.Tensor               # [C, F]
 
@@ -103,8 +104,7 @@ class RWKV7:
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
             plain = _owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
-            prepared = pack(plain)
-            return (plain if linear.small_rows else prepared), prepared    # one copy unless both are used
+            return plain, pack(plain)                       # the same tensor when the backend keeps it plain
         C = config.n_embd
         emb = F.layer_norm(f32("emb.weight"), (C,), f32("blocks.0.ln0.weight"), f32("blocks.0.ln0.bias"), LN_EPS)
         self.emb = emb.to(self.dtype)                       # [V, C], ln0 folded in
@@ -112,6 +112,12 @@ class RWKV7:
         self.head = mat("head.weight")                      # [V, C]
         self.layers = [self._prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
         self._native_time_mix = self._prepare_native(native_kernels)
+        self._native_decode = self._prepare_native_decode()
+        if self._native_decode is None and not linear.small_rows:    # the plain LoRA copies are unused: drop them
+            for lw in self.layers:
+                for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
+                    if getattr(lw, name) is not None:
+                        setattr(lw, name, (getattr(lw, name)[1],) * 2)
         self.decode_kernel = ("native" if self._native_time_mix is not None
                               else "triton" if wkv_backend == "triton" else "torch")
 
@@ -144,12 +150,25 @@ class RWKV7:
             log.warning("the time mix runs on torch ops (slower): %s", exc)
             return None
 
+    def _prepare_native_decode(self):
+        """The native LoRA chains + time mix per layer for single-token steps (kernels/native_decode.py), on the
+        plain LoRA factors; None where the native time mix is off."""
+        if self._native_time_mix is None:
+            return None
+        cfg = self.config
+        return [native_decode.LoraTimeMix(
+            cfg.n_head, cfg.head_size,
+            {name: None if getattr(lw, name) is None else getattr(lw, name)[0]
+             for name in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2")},
+            dict(w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a, r_k=lw.r_k, ln_w=lw.ln_x[0], ln_b=lw.ln_x[1]),
+            eps=GROUP_NORM_EPS, log_decay_scale=LOG_DECAY_SCALE) for lw in self.layers]
+
     @staticmethod
     def _prepare_layer(i, f32, mat, lora) -> LayerWeights:
         # projections keep the checkpoint's [out, in]; LoRA factors (stored [in, out]) are transposed
         p = f"blocks.{i}."
         vec = lambda key: f32(p + key).reshape(-1)  # noqa: E731
-        att_mix = torch.stack([vec(f"att.x_{c}") for c in "rkvwag"]).view(6, 1, 1, -1)
+        att_mix = torch.stack([vec(f"att.x_{c}") for c in "rkvwag"])
         has_v = i > 0
         return LayerWeights(
             ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")),
@@ -163,7 +182,7 @@ class RWKV7:
             g1=lora(p + "att.g1"), g2=lora(p + "att.g2"),
             k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=f32(p + "att.r_k"),
             ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
-            ffn_mix=vec("ffn.x_k"), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),
+            ffn_mix=vec("ffn.x_k").view(1, -1), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),
         )
 
     # ------------------------------------------------------------------------------------------ public API
@@ -194,12 +213,13 @@ class RWKV7:
             raise ValueError(f"state holds {state.batch_size} sequences but tokens has {B} rows")
         x = self.emb[tokens].float()                        # [B, T, C] fp32 residual stream
         v_first = None
+        pending = None                                      # the last block's output, added by the next _mix
         for i, lw in enumerate(self.layers):
-            h = F.layer_norm(x, (self.config.n_embd,), lw.ln1[0], lw.ln1[1], LN_EPS)
-            dx, v_first = self._time_mix(i, lw, h, state, v_first)
-            x = x + dx
-            h = F.layer_norm(x, (self.config.n_embd,), lw.ln2[0], lw.ln2[1], LN_EPS)
-            x = x + self._channel_mix(i, lw, h, state)
+            mixed = self._mix(x, pending, lw.ln1, state.att_x[i], lw.att_mix)          # [6, B, T, C] in dtype
+            dx, v_first = self._time_mix(i, lw, mixed, state, v_first)
+            xk = self._mix(x, dx, lw.ln2, state.ffn_x[i], lw.ffn_mix)[0]
+            pending = self._channel_mix(lw, xk)
+        x.add_(pending)
         if not full_output:
             x = x[:, -1]
         return F.layer_norm(x, (self.config.n_embd,), self.ln_out[0], self.ln_out[1], LN_EPS), state
@@ -216,27 +236,39 @@ class RWKV7:
         # tokens back from the device on every forward
         return tokens.to(self.device, torch.long)
 
-    def _shift(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        # token shift: the previous token's normalized input, from the state for the first position
-        if h.shape[1] == 1:
-            return prev.unsqueeze(1)
-        return torch.cat((prev.unsqueeze(1), h[:, :-1]), dim=1)
+    def _mix(self, x: torch.Tensor, dx: torch.Tensor | None, ln, prev: torch.Tensor,
+             mix: torch.Tensor) -> torch.Tensor:
+        """x += dx (in place; dx the previous block's output or None), then the layer norm ``ln`` and the token
+        shift's M mixes [M, B, T, C] in the matmul dtype; ``prev`` (the state's shift row) takes the last token's
+        normalized x. One native call on CPU (kernels/native_decode.py), else torch ops."""
+        if self._native_time_mix is not None and prev.is_contiguous():
+            return native_decode.residual_ln_mix(x, dx, ln, LN_EPS, prev, mix, self.dtype)
+        if dx is not None:
+            x.add_(dx)
+        h = F.layer_norm(x, (self.config.n_embd,), ln[0], ln[1], LN_EPS)
+        shifted = prev.unsqueeze(1) if h.shape[1] == 1 else torch.cat((prev.unsqueeze(1), h[:, :-1]), dim=1)
+        mixed = torch.addcmul(h, shifted - h, mix.view(mix.shape[0], 1, 1, -1)).to(self.dtype)
+        prev.copy_(h[:, -1])
+        return mixed
 
-    def _time_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState, v_first):
-        B, T, C = h.shape
+    def _time_mix(self, i: int, lw: LayerWeights, mixed: torch.Tensor, state: RNNState, v_first):
+        _, B, T, C = mixed.shape
         dt = self.dtype
-        if self._native_time_mix is not None:          # CPU, so dt is float32 or bfloat16
-            mixed = native.shift_mix(h, state.att_x[i], lw.att_mix.view(6, C), dt)       # [6, B, T, C]
-        else:
-            mixed = torch.addcmul(h, self._shift(h, state.att_x[i]) - h, lw.att_mix).to(dt)
-        state.att_x[i].copy_(h[:, -1])
         lin = self._proj
         xr, xk, xv, xw, xa, xg = mixed.unbind(0)
         S = state.wkv[i]
+        r, k, v = lin(xr, lw.w_r), lin(xk, lw.w_k), lin(xv, lw.w_v)                       # [B, T, A]
+        if self._native_decode is not None and T == 1 and B <= DECODE_ROWS and S.is_contiguous():
+            # one token per sequence: the LoRA chains and the time mix in one native call
+            if i == 0:
+                v_first = v
+            first = v_first.to(r.dtype) if i > 0 else None
+            return lin(self._native_decode[i](mixed, r, k, v, first, S, dt), lw.w_out), v_first
         fused = self._native_time_mix is not None and S.is_contiguous()
         # the native kernel takes the projections in their dtype (it widens bf16 itself): no float copies
+        if not fused:
+            r, k, v = r.float(), k.float(), v.float()
         rows = (lambda t: t) if fused else (lambda t: t.float())  # noqa: E731
-        r, k, v = rows(lin(xr, lw.w_r)), rows(lin(xk, lw.w_k)), rows(lin(xv, lw.w_v))       # [B, T, A]
         lora = self._lora
         w_lora = rows(lora(torch.tanh(lora(xw, lw.w1)), lw.w2))
         a_lora = rows(lora(lora(xa, lw.a1), lw.a2))
@@ -286,12 +318,7 @@ class RWKV7:
         S.copy_(new_S)
         return y
 
-    def _channel_mix(self, i: int, lw: LayerWeights, h: torch.Tensor, state: RNNState) -> torch.Tensor:
-        if self._native_time_mix is not None:
-            xk = native.shift_mix(h, state.ffn_x[i], lw.ffn_mix.view(1, -1), self.dtype)[0]
-        else:
-            xk = torch.addcmul(h, self._shift(h, state.ffn_x[i]) - h, lw.ffn_mix).to(self.dtype)
-        state.ffn_x[i].copy_(h[:, -1])
+    def _channel_mix(self, lw: LayerWeights, xk: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu_(self._proj(xk, lw.ffn_key)).square_()                     # [B, T, F]
         return self._proj(hidden, lw.ffn_value)          # in dt: the residual add widens it
 

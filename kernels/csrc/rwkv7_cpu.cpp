@@ -27,47 +27,17 @@
 #include <algorithm>
 #include <limits>
 
+#include "goose_common.h"
+
 namespace {
+
+using goose::fast_exp;
+using goose::from_bf16;
+using goose::sigmoid;
+using goose::to_bf16;
 
 constexpr int64_t kMaxHeadSize = 256;
 constexpr int64_t kTransposeFrom = 4;      // tokens per call from which the transposed state pays for its copies
-
-#if defined(GOOSE_X86_CLONES)
-// One binary for every x86-64 machine: the loader picks the widest vector ISA at run time.
-#define GOOSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GOOSE_CLONES
-#endif
-
-// exp written for the vectorizer (libm's expf is a call per element): Cephes' range reduction and degree-6
-// polynomial, ~1 ulp on the clamped range; round-to-nearest by the 1.5 * 2^23 trick, 2^n built in the
-// exponent bits. The clamps keep 2^n finite and normal (exp(-87) ~ 1.6e-38, below any value that matters).
-inline float fast_exp(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    return p * __builtin_bit_cast(float, bits);
-}
-
-inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
-
-// fp32 -> bf16 with round to nearest even (as torch converts); NaN stays a quiet NaN.
-inline uint16_t to_bf16(float x) {
-    const uint32_t bits = __builtin_bit_cast(uint32_t, x);
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return (x != x) ? static_cast<uint16_t>((bits >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
-}
-
-inline float from_bf16(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
 
 // Rows of the time mix come as float32 or bfloat16 (the projections' dtype); a bfloat16 row is widened into
 // scratch, a float32 row is used in place.
@@ -86,7 +56,6 @@ struct RowsIn {
 
 // The steps below are written once for a head size known at compile time (K, 64 in every released model: the
 // loops over a row unroll and their sums stay in registers) and once for any size (K = 0).
-#define GOOSE_INLINE inline __attribute__((always_inline))
 
 // One head's WKV step; S is updated in place, y receives N outputs.
 template <int64_t K>
@@ -266,24 +235,6 @@ void head_time_mix(int64_t N, const float *r, const float *w_lora, const float *
     for (int64_t j = 0; j < N; ++j) out[j] = ((y[j] - mean) * rstd * ln_w[j] + ln_b[j] + bonus * v[j]) * g[j];
 }
 
-// One row of the token shift and its M mixes: out_m = x + (x_prev - x) * mix_m.
-GOOSE_CLONES
-void shift_mix_row(int64_t C, int64_t M, const float *x, const float *x_prev, const float *mix, int64_t stride,
-                   float *out_f32, uint16_t *out_bf16) {
-    for (int64_t m = 0; m < M; ++m) {
-        const float *mm = mix + m * C;
-        if (out_bf16 != nullptr) {
-            uint16_t *o = out_bf16 + m * stride;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] = to_bf16(x[c] + (x_prev[c] - x[c]) * mm[c]);
-        } else {
-            float *o = out_f32 + m * stride;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] = x[c] + (x_prev[c] - x[c]) * mm[c];
-        }
-    }
-}
-
 // Inverse-CDF draw from softmax(x * it) over one row (see goose_sample_rows); sums is scratch for nb floats.
 GOOSE_CLONES
 int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
@@ -326,7 +277,7 @@ int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
 extern "C" {
 
 // Bumped whenever a signature below changes; kernels/native_build.py refuses a library reporting another number.
-int goose_abi_version() { return 6; }
+int goose_abi_version() { return 7; }
 
 int64_t goose_max_head_size() { return kMaxHeadSize; }
 
@@ -383,25 +334,6 @@ void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N, int rows_b
                 for (int64_t j = 0; j < N; ++j) o16[j] = to_bf16(dst[j]);
             }
         }
-    }
-}
-
-// Token shift and mixing for T tokens of B sequences: x [B, T, C] (the layer norm's output), prev [B, C] (the
-// previous token's, from the state), mix [M, C]; out [M, B, T, C] as float32 (out_bf16 = 0) or bfloat16
-// (out_bf16 = 1, rounded to nearest even), out[m, b, t] = x[b, t] + (x[b, t - 1] - x[b, t]) * mix[m], with
-// x[b, -1] = prev[b].
-void goose_shift_mix(int64_t B, int64_t T, int64_t C, int64_t M, const float *x, const float *prev,
-                     const float *mix, int out_bf16, void *out) {
-    const int64_t stride = B * T * C;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < B * T; ++row) {
-        const int64_t t = row % T;
-        const float *xr = x + row * C;
-        const float *xp = t ? xr - C : prev + (row / T) * C;
-        if (out_bf16)
-            shift_mix_row(C, M, xr, xp, mix, stride, nullptr, static_cast<uint16_t *>(out) + row * C);
-        else
-            shift_mix_row(C, M, xr, xp, mix, stride, static_cast<float *>(out) + row * C, nullptr);
     }
 }
 

@@ -1,0 +1,241 @@
+// Native pieces of an RWKV-7 layer between its big matrix products, built with rwkv7_cpu.cpp into one library
+// (kernels/native_build.py) and called through kernels/native_decode.py.
+//
+// Why: a single-token step of a small model spent more time outside the projections than in them. In torch ops a
+// layer is ~40 small operator calls (layer norms, token shifts, eight LoRA products with their activations,
+// dtype casts, residual adds), each a dispatch and an OpenMP fork/join over a few thousand values. Here:
+//   goose_residual_ln_mix   x += dx (the previous block's output), layer norm, token shift and the M mixes,
+//                           and the shift state's update: one call before the time mix and one before the FFN.
+//   goose_lora_time_mix     the four LoRA chains (decay: tanh, in-context rate, gate: sigmoid, value residual)
+//                           as row dot products over the factors, then the fused time mix of rwkv7_cpu.cpp: one
+//                           call for everything between the r/k/v projections and the output projection.
+// The LoRA chains are computed in float32 whatever the rows' dtype (the factors may be bfloat16), so a bf16
+// model's decay and gate see no bf16 rounding between the two factors.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "goose_common.h"
+
+using goose::from_bf16;
+using goose::to_bf16;
+
+extern "C" void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N, int rows_bf16, int out_bf16,
+                                     const void *r, const void *w_lora, const void *k, const void *v,
+                                     const void *a_lora, const void *v_lora, const void *v_first, const void *g,
+                                     const float *w0, const float *a0, const float *v0, const float *k_k,
+                                     const float *k_a, const float *r_k, const float *ln_w, const float *ln_b,
+                                     float eps, float log_decay_scale, float *state, void *out);
+
+namespace {
+
+// Rows of float32 or bfloat16 values, widened to float32 where needed.
+GOOSE_INLINE void widen(int64_t n, const void *src, bool bf16, float *dst) {
+    if (!bf16) {
+        std::memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    const uint16_t *s = static_cast<const uint16_t *>(src);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = from_bf16(s[i]);
+}
+
+GOOSE_CLONES
+void layer_norm_row(int64_t C, float *x, const void *dx, bool dx_bf16, const float *w, const float *b, float eps,
+                    float *out) {
+    if (dx != nullptr) {
+        if (dx_bf16) {
+            const uint16_t *d = static_cast<const uint16_t *>(dx);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) x[c] += from_bf16(d[c]);
+        } else {
+            const float *d = static_cast<const float *>(dx);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) x[c] += d[c];
+        }
+    }
+    float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t c = 0; c < C; ++c) mean += x[c];
+    mean /= static_cast<float>(C);
+    float var = 0.f;
+#pragma omp simd reduction(+ : var)
+    for (int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
+    const float rstd = 1.0f / std::sqrt(var / static_cast<float>(C) + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = (x[c] - mean) * rstd * w[c] + b[c];
+}
+
+GOOSE_CLONES
+void mix_row(int64_t C, int64_t M, const float *h, const float *h_prev, const float *mix, bool out_bf16,
+             void *out, int64_t stride) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float *mm = mix + m * C;
+        if (out_bf16) {
+            uint16_t *o = static_cast<uint16_t *>(out) + m * stride;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = to_bf16(h[c] + (h_prev[c] - h[c]) * mm[c]);
+        } else {
+            float *o = static_cast<float *>(out) + m * stride;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = h[c] + (h_prev[c] - h[c]) * mm[c];
+        }
+    }
+}
+
+// Dot products with four vector accumulators: one accumulator would wait on each FMA's latency (measured: ~3
+// GMAC/s on one core against ~10 with four).
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+GOOSE_INLINE v8f load8(const float *p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+GOOSE_INLINE v8f load8(const uint16_t *p) {
+    v8h h;
+    std::memcpy(&h, p, sizeof h);
+    const v8u wide = __builtin_convertvector(h, v8u) << 16;
+    v8f v;
+    std::memcpy(&v, &wide, sizeof v);
+    return v;
+}
+
+template <typename W>
+GOOSE_INLINE float dot_n(int64_t n, const W *w, const float *x) {
+    v8f acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 += load8(w + i) * load8(x + i);
+        acc1 += load8(w + i + 8) * load8(x + i + 8);
+        acc2 += load8(w + i + 16) * load8(x + i + 16);
+        acc3 += load8(w + i + 24) * load8(x + i + 24);
+    }
+    for (; i + 8 <= n; i += 8) acc0 += load8(w + i) * load8(x + i);
+    const v8f acc = (acc0 + acc1) + (acc2 + acc3);
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; ++i) {
+        if constexpr (sizeof(W) == 2)
+            s += from_bf16(w[i]) * x[i];
+        else
+            s += w[i] * x[i];
+    }
+    return s;
+}
+
+GOOSE_CLONES
+float dot(int64_t n, const void *w, bool w_bf16, const float *x) {
+    if (w_bf16) return dot_n(n, static_cast<const uint16_t *>(w), x);
+    return dot_n(n, static_cast<const float *>(w), x);
+}
+
+enum Activation { kNone = 0, kTanh = 1, kSigmoid = 2 };
+
+// One product of a LoRA chain: out[b, o] = act(sum_i W[o, i] x[b, i]) for B rows, W [O, I] row-major.
+struct Product {
+    const void *w;
+    int64_t O, I;
+    const float *x;    // [B, I]
+    float *out;        // [B, O]
+    Activation act;
+};
+
+inline float activate(float s, Activation act) {
+    if (act == kTanh) return std::tanh(s);
+    if (act == kSigmoid) return goose::sigmoid(s);
+    return s;
+}
+
+// Several independent products as one parallel loop over all their output rows: each weight row is read once
+// and used for every one of the B rows while it is in L1.
+void run_products(const Product *ps, int n, int64_t B, bool w_bf16) {
+    int64_t total = 0;
+    for (int i = 0; i < n; ++i) total += ps[i].O;
+    const int64_t row_bytes = w_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (total * B * 64 > 32768)
+    for (int64_t t = 0; t < total; ++t) {
+        int i = 0;
+        int64_t o = t;
+        while (o >= ps[i].O) o -= ps[i++].O;
+        const Product &p = ps[i];
+        const void *row = static_cast<const char *>(p.w) + o * p.I * row_bytes;
+        for (int64_t b = 0; b < B; ++b)
+            p.out[b * p.O + o] = activate(dot(p.I, row, w_bf16, p.x + b * p.I), p.act);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [B, T, C] float32, updated in place: x += dx (dx [B, T, C] float32 or bfloat16, or null), then per row
+// h = layer_norm(x) (ln_w, ln_b [C], eps) and out[m, b, t] = h[t] + (h[t - 1] - h[t]) * mix[m] for the M mixes
+// (mix [M, C] float32; out [M, B, T, C] float32 or bfloat16, rounded to nearest even), with h[-1] = prev[b].
+// prev [B, C] float32 then holds the last token's h (the token-shift state).
+void goose_residual_ln_mix(int64_t B, int64_t T, int64_t C, int64_t M, float *x, const void *dx, int dx_bf16,
+                           const float *ln_w, const float *ln_b, float eps, float *prev, const float *mix,
+                           int out_bf16, void *out) {
+    const int64_t rows = B * T;
+    float *h = static_cast<float *>(std::malloc(rows * C * sizeof(float)));
+    if (h == nullptr) std::abort();
+    const int64_t elem = out_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t row = 0; row < rows; ++row) {
+        const void *d = dx == nullptr ? nullptr : static_cast<const char *>(dx) + row * C * (dx_bf16 ? 2 : 4);
+        layer_norm_row(C, x + row * C, d, dx_bf16 != 0, ln_w, ln_b, eps, h + row * C);
+    }
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t row = 0; row < rows; ++row) {
+        const float *hp = row % T ? h + (row - 1) * C : prev + (row / T) * C;
+        mix_row(C, M, h + row * C, hp, mix, out_bf16 != 0, static_cast<char *>(out) + row * C * elem, rows * C);
+    }
+    for (int64_t b = 0; b < B; ++b) std::memcpy(prev + b * C, h + (b * T + T - 1) * C, C * sizeof(float));
+    std::free(h);
+}
+
+// One token of B sequences through the time mix after the r/k/v projections: the LoRA chains
+//     w_lora = tanh(xw W1^T) W2^T    a_lora = (xa A1^T) A2^T    g = sigmoid(xg G1^T) G2^T    v_lora = (xv V1^T) V2^T
+// (factors row-major [out, in]: W1 [Dw, C], W2 [C, Dw], ...; float32, or bfloat16 with lora_bf16; V1/V2 null at
+// the first layer, which has no value residual), then goose_rwkv7_time_mix with T = 1. Rows xw, xa, xg, xv, r, k,
+// v, v_first [B, C] are float32 or bfloat16 (rows_bf16); v_first is null exactly when V1 is. The vectors, state
+// and out are as in goose_rwkv7_time_mix.
+void goose_lora_time_mix(int64_t B, int64_t H, int64_t N, int rows_bf16, const void *xw, const void *xa,
+                         const void *xg, const void *xv, const void *r, const void *k, const void *v,
+                         const void *v_first, int lora_bf16, const void *w1, const void *w2, int64_t Dw,
+                         const void *a1, const void *a2, int64_t Da, const void *g1, const void *g2, int64_t Dg,
+                         const void *v1, const void *v2, int64_t Dv, const float *w0, const float *a0,
+                         const float *v0, const float *k_k, const float *k_a, const float *r_k, const float *ln_w,
+                         const float *ln_b, float eps, float log_decay_scale, float *state, int out_bf16,
+                         void *out) {
+    const int64_t C = H * N;
+    const bool value = v1 != nullptr;
+    // float32 scratch: 8 row sets of [B, C] (inputs widened, LoRA outputs) and the hidden [B, D] of each chain
+    const int64_t n_rows = 12, hidden = Dw + Da + Dg + (value ? Dv : 0);
+    float *buf = static_cast<float *>(std::malloc((n_rows * C + hidden) * B * sizeof(float)));
+    if (buf == nullptr) std::abort();
+    float *in_w = buf, *in_a = in_w + B * C, *in_g = in_a + B * C, *in_v = in_g + B * C;
+    float *fr = in_v + B * C, *fk = fr + B * C, *fv = fk + B * C, *ffirst = fv + B * C;
+    float *w_lora = ffirst + B * C, *a_lora = w_lora + B * C, *g = a_lora + B * C, *v_lora = g + B * C;
+    float *hw = v_lora + B * C, *ha = hw + B * Dw, *hg = ha + B * Da, *hv = hg + B * Dg;
+    const bool in16 = rows_bf16 != 0;
+    const void *srcs[8] = {xw, xa, xg, xv, r, k, v, v_first};
+    float *dsts[8] = {in_w, in_a, in_g, in_v, fr, fk, fv, ffirst};
+    for (int i = 0; i < (value ? 8 : 7); ++i) widen(B * C, srcs[i], in16, dsts[i]);
+    const bool wb = lora_bf16 != 0;
+    const Product first[4] = {{w1, Dw, C, in_w, hw, kTanh}, {a1, Da, C, in_a, ha, kNone},
+                              {g1, Dg, C, in_g, hg, kSigmoid}, {v1, Dv, C, in_v, hv, kNone}};
+    run_products(first, value ? 4 : 3, B, wb);
+    const Product second[4] = {{w2, C, Dw, hw, w_lora, kNone}, {a2, C, Da, ha, a_lora, kNone},
+                               {g2, C, Dg, hg, g, kNone}, {v2, C, Dv, hv, v_lora, kNone}};
+    run_products(second, value ? 4 : 3, B, wb);
+    goose_rwkv7_time_mix(B, 1, H, N, 0, out_bf16, fr, w_lora, fk, fv, a_lora, value ? v_lora : nullptr,
+                         value ? ffirst : nullptr, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, log_decay_scale,
+                         state, out);
+    std::free(buf);
+}
+
+}  // extern "C"
