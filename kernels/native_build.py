@@ -79,6 +79,11 @@ class _Lib:
                                             + [ptr, ptr, i64] * 4 + [ptr] * 8 + [f32, f32, ptr, ctypes.c_int, ptr])
         lib.goose_lora_time_mix.restype = None
         self.lora_time_mix = lib.goose_lora_time_mix
+        lib.goose_gemv.argtypes = [i64, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ctypes.c_int]
+        lib.goose_gemv.restype = None
+        self.gemv = lib.goose_gemv
+        lib.goose_max_gemv_rows.restype = i64
+        self.max_gemv_rows = lib.goose_max_gemv_rows()
         self._handle = lib
 
 

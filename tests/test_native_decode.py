@@ -152,3 +152,48 @@ def test_a_strided_shift_state_takes_the_torch_ops(tiny_model):
     assert not strided.att_x[0].is_contiguous()
     got, _ = tiny_model.forward(torch.tensor([[7], [9]]), strided)
     assert rel_err(got, want) < 2e-6
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N,K", [(7, 13), (33, 100), (64, 768)])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.bfloat16)])
+def test_gemv_matches_float_products(M, N, K, x_dtype, w_dtype):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x, w = torch.randn(M, 1, K, generator=g).to(x_dtype), torch.randn(N, K, generator=g).to(w_dtype)
+    want = F.linear(x.double(), w.double())
+    got = native_decode.gemv(x, w)
+    assert got.shape == (M, 1, N) and got.dtype == x_dtype
+    assert rel_err(got.double(), want) < (1e-6 if x_dtype == torch.float32 else 1e-2)
+
+
+def test_gemv_refuses_what_it_cannot_run():
+    w = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=f"at most {native_decode.GEMV_ROWS} rows"):
+        native_decode.gemv(torch.zeros(native_decode.GEMV_ROWS + 1, 8), w)
+    with pytest.raises(ValueError, match="against a \\[N, 8\\] weight"):
+        native_decode.gemv(torch.zeros(1, 8), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="w must be a contiguous float32 or bfloat16"):
+        native_decode.gemv(torch.zeros(1, 8), torch.zeros(8, 4).t())
+
+
+def test_plain_float_weights_decode_through_the_native_product(tmp_path, monkeypatch):
+    """With plain weights (the aten linear backend) a few-row step uses the native product: same logits as the
+    backend's own product."""
+    calls = []
+    real = native_decode.gemv
+    monkeypatch.setattr(native_decode, "gemv", lambda x, w: calls.append(x.shape) or real(x, w))
+    path = tmp_path / "m.pth"
+    write_checkpoint(path, PARITY_SHAPES["c192-f500-v0absent"], seed=6)
+    plain = load_model(path, "cpu fp32", linear_backend="aten")
+    onednn = load_model(path, "cpu fp32")
+    assert plain.linear_backend == "aten"
+    V = plain.config.vocab_size
+    toks = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(2))
+    for B in (1, 3):
+        a, sa = plain.forward(toks[:B, :4])
+        b, sb = onednn.forward(toks[:B, :4])
+        a, _ = plain.forward(toks[:B, 4:], sa)
+        b, _ = onednn.forward(toks[:B, 4:], sb)
+        assert rel_err(a, b) < 1e-5, B
+    assert calls and all(shape[0] <= 3 for shape in calls)

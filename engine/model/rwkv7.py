@@ -113,6 +113,8 @@ class RWKV7:
         self.layers = [self._prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
         self._native_time_mix = self._prepare_native(native_kernels)
         self._native_decode = self._prepare_native_decode()
+        if self._native_decode is not None and linear.name == "aten" and not strategy.quant:
+            self._proj = _few_rows_native(self._proj)       # plain float weights: the native product for decode
         if self._native_decode is None and not linear.small_rows:    # the plain LoRA copies are unused: drop them
             for lw in self.layers:
                 for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
@@ -321,6 +323,15 @@ class RWKV7:
     def _channel_mix(self, lw: LayerWeights, xk: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu_(self._proj(xk, lw.ffn_key)).square_()                     # [B, T, F]
         return self._proj(hidden, lw.ffn_value)          # in dt: the residual add widens it
+
+
+def _few_rows_native(product):
+    """``product`` with up to native_decode.GEMV_ROWS rows of x through the native product (plain weights)."""
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= native_decode.GEMV_ROWS * x.shape[-1] and x.is_contiguous():
+            return native_decode.gemv(x, w)
+        return product(x, w)
+    return fn
 
 
 def _native_mode() -> str:

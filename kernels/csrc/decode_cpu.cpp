@@ -30,6 +30,8 @@ extern "C" void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N,
 
 namespace {
 
+constexpr int64_t kGemvRows = 8;      // goose_gemv's most rows of x (goose_max_gemv_rows)
+
 // Rows of float32 or bfloat16 values, widened to float32 where needed.
 GOOSE_INLINE void widen(int64_t n, const void *src, bool bf16, float *dst) {
     if (!bf16) {
@@ -125,6 +127,54 @@ GOOSE_INLINE float dot_n(int64_t n, const W *w, const float *x) {
             s += w[i] * x[i];
     }
     return s;
+}
+
+// R rows of x against one weight row, each weight block loaded (and widened) once for all R rows.
+template <typename W, int R>
+GOOSE_INLINE void dot_rows(int64_t n, const W *w, const float *x, int64_t ldx, float *out) {
+    v8f acc[R][2] = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const v8f w0 = load8(w + i), w1 = load8(w + i + 8);
+        for (int r = 0; r < R; ++r) {
+            acc[r][0] += w0 * load8(x + r * ldx + i);
+            acc[r][1] += w1 * load8(x + r * ldx + i + 8);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const v8f a = acc[r][0] + acc[r][1];
+        float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        for (int64_t j = i; j < n; ++j) {
+            if constexpr (sizeof(W) == 2)
+                s += from_bf16(w[j]) * x[r * ldx + j];
+            else
+                s += w[j] * x[r * ldx + j];
+        }
+        out[r] = s;
+    }
+}
+
+// out[m] = W_row . x[m] for M rows of x (stride ldx), four rows at a time.
+template <typename W>
+GOOSE_INLINE void dots(int64_t n, const W *w, const float *x, int64_t ldx, int64_t M, float *out) {
+    int64_t m = 0;
+    if (M == 1) {
+        out[0] = dot_n(n, w, x);
+        return;
+    }
+    for (; m + 4 <= M; m += 4) dot_rows<W, 4>(n, w, x + m * ldx, ldx, out + m);
+    const int64_t left = M - m;
+    if (left == 3) dot_rows<W, 3>(n, w, x + m * ldx, ldx, out + m);
+    if (left == 2) dot_rows<W, 2>(n, w, x + m * ldx, ldx, out + m);
+    if (left == 1) out[m] = dot_n(n, w, x + m * ldx);
+}
+
+GOOSE_CLONES
+void row_dots(int64_t n, const void *w, bool w_bf16, const float *x, int64_t ldx, int64_t M, float *out) {
+    if (w_bf16)
+        dots(n, static_cast<const uint16_t *>(w), x, ldx, M, out);
+    else
+        dots(n, static_cast<const float *>(w), x, ldx, M, out);
 }
 
 GOOSE_CLONES
@@ -236,6 +286,32 @@ void goose_lora_time_mix(int64_t B, int64_t H, int64_t N, int rows_bf16, const v
                          value ? ffirst : nullptr, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, log_decay_scale,
                          state, out);
     std::free(buf);
+}
+
+int64_t goose_max_gemv_rows() { return kGemvRows; }
+
+// y [M, N] = x [M, K] W^T for a few rows M, W [N, K] row-major: each weight row is read once, from memory, and
+// used for all M rows while it is in L1 (single-token decode is bound by reading the weights). x, W and y are
+// each float32 or bfloat16 (the flags); sums are float32, a bfloat16 y is rounded to nearest even.
+void goose_gemv(int64_t M, int64_t N, int64_t K, const void *x, int x_bf16, const void *w, int w_bf16, void *y,
+                int y_bf16) {
+    if (M > kGemvRows) std::abort();      // the caller checks (kernels/native_decode.py)
+    float *xf = static_cast<float *>(std::malloc(M * K * sizeof(float)));
+    if (xf == nullptr) std::abort();
+    widen(M * K, x, x_bf16 != 0, xf);
+    const int64_t row_bytes = K * (w_bf16 ? 2 : 4);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        float s[kGemvRows];
+        row_dots(K, static_cast<const char *>(w) + n * row_bytes, w_bf16 != 0, xf, K, M, s);
+        for (int64_t m = 0; m < M; ++m) {
+            if (y_bf16)
+                static_cast<uint16_t *>(y)[m * N + n] = to_bf16(s[m]);
+            else
+                static_cast<float *>(y)[m * N + n] = s[m];
+        }
+    }
+    std::free(xf);
 }
 
 }  // extern "C"
