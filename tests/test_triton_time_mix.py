@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import PARITY_SHAPES, rel_err
-from tests.test_triton import CUDA, DEV  # noqa: F401 - importing it turns the interpreter on without CUDA
+from tests.test_triton import CUDA, DEV  # importing it turns the interpreter on without CUDA
 
 from kernels.time_mix_triton import TimeMixParams, time_mix_triton  # noqa: E402
 from engine.model.rwkv7 import GROUP_NORM_EPS, LOG_DECAY_SCALE  # noqa: E402
@@ -105,9 +105,10 @@ def test_model_decodes_through_the_fused_kernel(torch_model, ckpt_dir):
     tokens = torch.randint(0, ours.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
     want, want_state = torch_model.forward(tokens[:, :5], None)
     got, state = ours.forward(tokens[:, :5].to(DEV), None)
-    assert rel_err(got.cpu(), want) < 1e-5
+    tol = 1e-4 if CUDA else 1e-5
+    assert rel_err(got.cpu(), want) < tol
     for t in range(5, 8):
         want, want_state = torch_model.forward(tokens[:, t:t + 1], want_state)
         got, state = ours.forward(tokens[:, t:t + 1].to(DEV), state)
-        assert rel_err(got.cpu(), want) < 1e-5, t
-    assert rel_err(state.wkv[1].cpu(), want_state.wkv[1]) < 1e-5
+        assert rel_err(got.cpu(), want) < tol, t
+    assert rel_err(state.wkv[1].cpu(), want_state.wkv[1]) < tol
