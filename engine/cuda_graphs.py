@@ -58,11 +58,12 @@ class DecodeGraphs:
         self.capture = self.device.type == "cuda" if capture is None else capture
         n, dev = pool.size, self.device
         pin = self.device.type == "cuda"
-        self._host_long = torch.zeros(2, n, dtype=torch.long, pin_memory=pin)           # tokens, top_k
-        self._host_f32 = torch.zeros(len(_PARAMS), n, dtype=torch.float32, pin_memory=pin)
+        # one row per pool row, so a step's rows [0, bucket) are one contiguous block to copy
+        self._host_long = torch.zeros(n, 2, dtype=torch.long, pin_memory=pin)           # token, top_k
+        self._host_f32 = torch.zeros(n, len(_PARAMS), dtype=torch.float32, pin_memory=pin)
         self._host_ids = torch.zeros(n, dtype=torch.long, pin_memory=pin)
-        self._dev_long = torch.zeros(2, n, dtype=torch.long, device=dev)
-        self._dev_f32 = torch.zeros(len(_PARAMS), n, dtype=torch.float32, device=dev)
+        self._dev_long = torch.zeros(n, 2, dtype=torch.long, device=dev)
+        self._dev_f32 = torch.zeros(n, len(_PARAMS), dtype=torch.float32, device=dev)
         self._dev_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._logits: dict[tuple[int, bool], torch.Tensor] = {}
@@ -72,10 +73,10 @@ class DecodeGraphs:
     # ------------------------------------------------------------------------------------------ the body
     def _body(self, bucket: int, filters: bool) -> torch.Tensor:
         """Forward and sample rows [0, bucket) from the static buffers; returns the logits [bucket, V]."""
-        tokens = self._dev_long[0, :bucket].unsqueeze(1)
+        tokens = self._dev_long[:bucket, :1]
         logits, _ = self.model.forward(tokens, self.pool.state.narrow(0, bucket))
-        temperature, top_p, min_p, greedy, u = (t[:bucket] for t in self._dev_f32)
-        ids = sample_on_device(logits, temperature, self._dev_long[1, :bucket], top_p, min_p, greedy > 0.5, u,
+        temperature, top_p, min_p, greedy, u = self._dev_f32[:bucket].unbind(1)
+        ids = sample_on_device(logits, temperature, self._dev_long[:bucket, 1], top_p, min_p, greedy > 0.5, u,
                                filters=filters)
         self._dev_ids[:bucket].copy_(ids)
         return logits
@@ -87,6 +88,7 @@ class DecodeGraphs:
             return
         if self.pool.used:
             raise RuntimeError("CUDA graphs are captured before any state row is in use")
+        self._dev_f32.fill_(1.0)                                    # warm-ups: greedy rows at temperature 1
         mempool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -121,8 +123,8 @@ class DecodeGraphs:
             return None
         self._stage(bucket, tokens, rows, sample)
         filters = any(not _plain(r) for r in rows)
-        self._dev_long[:, :bucket].copy_(self._host_long[:, :bucket], non_blocking=True)
-        self._dev_f32[:, :bucket].copy_(self._host_f32[:, :bucket], non_blocking=True)
+        self._dev_long[:bucket].copy_(self._host_long[:bucket], non_blocking=True)      # pinned: no sync
+        self._dev_f32[:bucket].copy_(self._host_f32[:bucket], non_blocking=True)
         key = (bucket, filters)
         if key in self._graphs:
             self._graphs[key].replay()
@@ -143,15 +145,14 @@ class DecodeGraphs:
         generators give their uniforms only when the ids are sampled here (else the host sampler draws them)."""
         D = len(tokens)
         hl, hf = self._host_long, self._host_f32
-        hl[:, :bucket].zero_()
-        hf[:, :bucket].zero_()
-        hf[_PARAMS.index("greedy"), D:bucket] = 1.0
+        hl[:bucket].zero_()
+        hf[:bucket].zero_()
+        hf[D:bucket, _PARAMS.index("greedy")] = 1.0
         if D:
-            hl[0, :D] = torch.tensor(tokens, dtype=torch.long)
-            hl[1, :D] = torch.tensor([r.params.top_k for r in rows], dtype=torch.long)
-            hf[:, :D] = torch.tensor([[r.params.temperature for r in rows], [r.params.top_p for r in rows],
-                                      [r.params.min_p for r in rows], [float(r.params.greedy) for r in rows],
-                                      draw_uniforms(rows) if sample else [0.0] * D], dtype=torch.float32)
+            hl[:D] = torch.tensor([[t, r.params.top_k] for t, r in zip(tokens, rows)], dtype=torch.long)
+            u = draw_uniforms(rows) if sample else [0.0] * D
+            hf[:D] = torch.tensor([[r.params.temperature, r.params.top_p, r.params.min_p, float(r.params.greedy), x]
+                                   for r, x in zip(rows, u)], dtype=torch.float32)
 
     def _finish(self, D: int) -> Callable[[], list[int]]:
         def ids() -> list[int]:
