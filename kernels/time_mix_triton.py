@@ -67,7 +67,7 @@ def _time_mix_kernel(r_ptr, wl_ptr, k_ptr, v_ptr, al_ptr, vl_ptr, vf_ptr, g_ptr,
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    A: tl.constexpr = H * N
+    A = H * N
     offs_i = tl.arange(0, N)                         # value index: the state's rows, y, v, g
     offs_j = tl.arange(0, N)                         # key index: the state's columns, r, k, w, a
     col_j = h * N + offs_j
