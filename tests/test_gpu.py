@@ -172,3 +172,36 @@ def test_fused_time_mix_head64(dtype, T):
     S = state.wkv[3].cuda()
     got = time_mix_triton(*(t.cuda().to(dtype) for t in ins), S, cuda_model._triton_time_mix[3])
     assert rel_err(got.cpu(), want) < 1e-4 and rel_err(S.cpu(), want_state.wkv[3]) < 1e-4
+
+
+def test_engine_on_cuda_decodes_through_graphs_like_without(cpu_model):
+    """AsyncEngine on `cuda fp32` (triton): greedy requests give the same tokens with cuda_graphs auto (captured
+    when the loop starts) and off; seeded sampled requests and a logprobs request (host sampler) complete."""
+    import asyncio
+    from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams, load_model, load_tokenizer
+    model = load_model(DEFAULT_MODEL, "cuda fp32", wkv_backend="triton")
+    tok = load_tokenizer(str(DEFAULT_MODEL.parent / "tokenizer.json"))
+    reqs = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+            SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+            SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0.7, logprobs=2, seed=2, ignore_eos=True)]
+
+    def run(mode):
+        async def main():
+            eng = AsyncEngine(model, tok, EngineConfig(max_sessions=8, cuda_graphs=mode))
+            eng.start()
+            try:
+                async def one(i, p):
+                    out = []
+                    async for o in eng.generate(GenerateRequest(tokens(20 + 7 * i, 4096, seed=i), p)):
+                        out.extend(o.outputs[0].token_ids)
+                    return out
+                return await asyncio.gather(*(one(i, p) for i, p in enumerate(reqs))), eng.core.graphs
+            finally:
+                await eng.stop(drain_timeout=5)
+        return asyncio.run(main())
+    with_graphs, graphs = run("auto")
+    without, none = run("off")
+    assert none is None and graphs is not None and graphs._graphs and graphs.sampled > 0
+    assert with_graphs[:2] == without[:2]
+    assert [len(t) for t in with_graphs] == [12, 10, 10, 8]
