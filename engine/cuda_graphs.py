@@ -9,10 +9,9 @@ moves any owner away first: their results are never read, and a row is zeroed wh
 On CUDA each (bucket, filters) body is captured once, when the engine starts and every row is free (the warm-up
 runs that precede a capture would otherwise advance live states), into one shared memory pool; a step is then
 two host-to-device copies from pinned memory, one graph replay, and one device-to-host copy of the ids, with
-no other synchronisation (tests/test_cuda_graphs.py checks it under torch.cuda.set_sync_debug_mode("error")).
-Elsewhere (CPU, or cuda_graphs "off" with a forced static path in tests) the same body runs eagerly on the same
-buffers, which is how CPU tests prove the padding, the free rows and the rows written back against the plain
-decode path.
+no other synchronisation (tests/test_gpu.py checks it under torch.cuda.set_sync_debug_mode("error")).
+Elsewhere (cuda_graphs "on" on a CPU, or capture=False) the same body runs eagerly on the same buffers, which is
+how CPU tests prove the padding, the free rows and the rows written back against the plain decode path.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from engine.state_pool import StatePool
 
 log = logging.getLogger("goose.engine")
 MODES = ("auto", "on", "off")
-_PARAMS = ("temperature", "top_p", "min_p", "greedy", "u")      # float rows of the staging buffer
+_PARAMS = ("temperature", "top_p", "min_p", "greedy", "u")      # float columns of the staging buffer
 
 
 def buckets(size: int) -> list[int]:
