@@ -22,10 +22,10 @@ from engine.formats.checkpoint import load_weights, weights_identity
 LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCALE * sigmoid(z), in [-0.607, 0)
 LN_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5                  # head_size * 1e-5 in every released model (RWKV-LM "notice eps value")
+FUSED_TRITON_BELOW = 16                 # wkv_backend="triton": shorter inputs (decode) run the fused Triton time mix
 log = logging.getLogger("goose.engine")
 SEQUENCE_BACKENDS = ("chunked", "reference", "triton")  # kernels for T > 1 when the native time mix is off
 STEP_BACKENDS = {"chunked": "step_", "triton": "triton_step_"}  # decode (T = 1); reference uses itself
-FUSED_TRITON_BELOW = 16   # wkv_backend="triton": shorter inputs (decode) run the fused Triton time mix
 
 
 Lora = tuple[torch.Tensor, torch.Tensor]   # (plain [out, in] for F.linear, the same prepared for the backend)
@@ -113,9 +113,9 @@ class RWKV7:
         self.head = mat("head.weight")                      # [V, C]
         self.layers = [self._prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
         self._native_time_mix = self._prepare_native(native_kernels)
-        self._triton_time_mix = self._prepare_triton_time_mix()
         self.decode_kernel = ("native" if self._native_time_mix is not None
                               else "triton" if wkv_backend == "triton" else "torch")
+        self._triton_time_mix = self._prepare_triton_time_mix()
 
     def _prepare_native(self, wanted: bool | None):
         """The fused native time mix per layer (kernels/native.py), for decode and prompts, or None for the
@@ -145,23 +145,6 @@ class RWKV7:
                 raise ModelLoadError(f"native CPU kernels were required but cannot be used: {exc}") from None
             log.warning("the time mix runs on torch ops (slower): %s", exc)
             return None
-
-    def _prepare_triton_time_mix(self):
-        """wkv_backend="triton": each layer's parameters for the fused Triton time mix
-        (kernels/time_mix_triton.py), used for inputs shorter than FUSED_TRITON_BELOW tokens; else None."""
-        if self.wkv_backend != "triton" or self._native_time_mix is not None:
-            return None
-        from kernels.time_mix_triton import TimeMixParams
-        return [TimeMixParams(w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a, r_k=lw.r_k.contiguous(),
-                              ln_w=lw.ln_x[0], ln_b=lw.ln_x[1], eps=GROUP_NORM_EPS, log_decay_scale=LOG_DECAY_SCALE)
-                for lw in self.layers]
-
-    def _time_mix_triton(self, i, r, w_lora, k, v, a_lora, v_lora, v_first, g, state) -> torch.Tensor:
-        """_time_mix_core's math in one Triton launch: the path of CUDA decode with wkv_backend="triton"."""
-        from kernels.time_mix_triton import time_mix_triton
-        first = v_first if i > 0 else None
-        return time_mix_triton(r, w_lora, k, v, a_lora, v_lora, first, g, state.wkv[i],
-                               self._triton_time_mix[i], out_dtype=self.dtype)
 
     @staticmethod
     def _prepare_layer(i, f32, mat, lora) -> LayerWeights:
@@ -292,6 +275,23 @@ class RWKV7:
         y = F.group_norm(y.reshape(B * T, H * N), H, lw.ln_x[0], lw.ln_x[1], GROUP_NORM_EPS).view(B, T, H, N)
         bonus = ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
         return (y + bonus).view(B, T, -1) * g
+
+    def _prepare_triton_time_mix(self):
+        """wkv_backend="triton": each layer's parameters for the fused Triton time mix
+        (kernels/time_mix_triton.py), used for inputs shorter than FUSED_TRITON_BELOW tokens; else None."""
+        if self.wkv_backend != "triton" or self._native_time_mix is not None:
+            return None
+        from kernels.time_mix_triton import TimeMixParams
+        return [TimeMixParams(w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a, r_k=lw.r_k.contiguous(),
+                              ln_w=lw.ln_x[0], ln_b=lw.ln_x[1], eps=GROUP_NORM_EPS, log_decay_scale=LOG_DECAY_SCALE)
+                for lw in self.layers]
+
+    def _time_mix_triton(self, i, r, w_lora, k, v, a_lora, v_lora, v_first, g, state) -> torch.Tensor:
+        """_time_mix_core's math in one Triton launch: the path of CUDA decode with wkv_backend="triton"."""
+        from kernels.time_mix_triton import time_mix_triton
+        first = v_first if i > 0 else None
+        return time_mix_triton(r, w_lora, k, v, a_lora, v_lora, first, g, state.wkv[i],
+                               self._triton_time_mix[i], out_dtype=self.dtype)
 
     def _wkv(self, i, r, log_w, k, v, a, b, state: RNNState) -> torch.Tensor:
         B, T, _ = r.shape
