@@ -96,12 +96,14 @@ def test_fused_time_mix_checks_its_inputs(torch_model):
         time_mix_triton(*ins, S.double(), params_of(m.layers[1]))
 
 
-def test_model_decodes_through_the_fused_kernel(torch_model, ckpt_dir):
-    """wkv_backend="triton" runs decode (and prompts under 16 tokens) through the fused kernel: same logits and
-    state as the torch ops, prompt of 5 then three steps at batch 2."""
+def test_model_decodes_through_the_fused_kernel(torch_model, ckpt_dir, monkeypatch):
+    """wkv_backend="triton" runs decode (and prompts under 16 tokens) through the fused kernel, once per layer and
+    forward: same logits and state as the torch ops, prompt of 5 then three steps at batch 2."""
+    import kernels.time_mix_triton as tm
     from engine import load_model
+    calls = []
+    monkeypatch.setattr(tm, "time_mix_triton", lambda *a, **kw: calls.append(1) or time_mix_triton(*a, **kw))
     ours = load_model(ckpt_dir / "time-mix.pth", f"{DEV.type} fp32", wkv_backend="triton")
-    assert ours._triton_time_mix is not None
     tokens = torch.randint(0, ours.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
     want, want_state = torch_model.forward(tokens[:, :5], None)
     got, state = ours.forward(tokens[:, :5].to(DEV), None)
@@ -112,3 +114,4 @@ def test_model_decodes_through_the_fused_kernel(torch_model, ckpt_dir):
         got, state = ours.forward(tokens[:, t:t + 1].to(DEV), state)
         assert rel_err(got.cpu(), want) < tol, t
     assert rel_err(state.wkv[1].cpu(), want_state.wkv[1]) < tol
+    assert len(calls) == 4 * ours.config.n_layer

@@ -264,6 +264,8 @@ class RWKV7:
         """The time mix between the projections and the output projection, in torch ops (the native
         kernel's ground truth, and the path on CUDA, without the native kernels, and for strided states)."""
         B, T, _ = r.shape
+        if self._triton_time_mix is not None and T < FUSED_TRITON_BELOW:     # wkv_backend="triton": one launch
+            return self._time_mix_triton(i, r, w_lora, k, v, a_lora, v_lora, v_first, g, state)
         H, N = self.config.n_head, self.config.head_size
         log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + w_lora)
         alpha = torch.sigmoid(lw.a0 + a_lora)
