@@ -2,6 +2,7 @@
 
     python -m bench.engine [--dtypes fp32,bf16] [--quant fp32i8,bf16i8,bf16i4] [--prefill 1024] [--decode 32]
                            [--batch 64]
+    python -m bench.engine --device cuda [bench/gpu.py's options]     # the GPU benchmark, bench/gpu.py
 
 Prints prefill tokens/s (T=1024), single-stream decode tokens/s, and Goose's batched decode (aggregate
 tokens/s at B=64) with each figure's ratio to the reference. Targets: prefill >= 5x, single-stream decode
@@ -137,7 +138,16 @@ def export_gguf(pth: str, dtype: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="cpu")
+    known, rest = device.parse_known_args(argv)
+    if known.device != "cpu":                       # the GPU benchmark of issue #17 (bench/gpu.py)
+        from bench.gpu import main as gpu_main
+        return gpu_main(["--device", known.device, *rest])
     ap = argparse.ArgumentParser(prog="goose bench engine", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu (this benchmark), or cuda / cuda:N: bench/gpu.py's "
+                    "prefill and decode of 0.1B/1.5B/7.2B shapes (its own options: --shapes, --dtype, ...)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--quant", default="fp32i8,bf16i8,bf16i4",
                     help="quantized strategies, Goose only, beside the float one with their activation dtype "

@@ -4,13 +4,16 @@
                         [--backends triton,chunked] [--device cuda]
 
 For each shape: prefill tokens/s (one prompt of T tokens) and decode tokens/s at each batch size (aggregate
-over the batch) through the model with each WKV backend, next to the weight-read bound: the bytes of weights
-one decode step reads (everything but the embedding table) over the device's measured copy bandwidth, times
-B. Then the WKV kernels alone at the shape's heads: prefill T tokens (the Triton kernel, the torch chunked
-form, and flash-linear-attention's chunk_rwkv7 when `fla` is installed) and one decode step at the largest B.
+over the batch) through the model with each WKV backend, eagerly (model.forward per step, no sampling) and as
+the engine decodes (engine/cuda_graphs.py: the step with sampling, captured as a CUDA graph, ids copied back
+each step), next to the weight-read bound: the bytes of weights one decode step reads (everything but the
+embedding table) over the device's measured copy bandwidth, times B. Then the WKV kernels alone at the shape's
+heads: prefill T tokens (the Triton kernel, the torch chunked form, and flash-linear-attention's chunk_rwkv7 when
+`fla` is installed) and one decode step at the largest B (ours, torch's, and fla's fused_recurrent_rwkv7).
 Weights are drawn on the device (bench/random_checkpoint.py), so a 7.2B shape costs seconds, not a file.
 
-`--device cpu --shapes tiny --backends chunked` runs the same code on a CPU, to check the script itself.
+`--device cpu --shapes tiny --backends chunked` runs the same code on a CPU, to check the script itself (the
+"graphs" figures are then the same static step run eagerly). `goose bench engine --device cuda ...` runs this.
 Issue #17's targets (one H200): 7.2B fp16 B=1 decode >= 60% of the bound, B=256 >= 5,000 tok/s, prefill
 >= 10,000 tok/s.
 """
@@ -23,7 +26,11 @@ import torch
 
 from bench.machine import machine_line
 from bench.random_checkpoint import SHAPE_0B1, CheckpointShape, random_state_dict
+from engine.cuda_graphs import DecodeGraphs
 from engine.formats.checkpoint import infer_config
+from engine.request import SamplingParams
+from engine.sampling import SamplerRow, make_generator
+from engine.state_pool import StatePool
 from engine.model.rwkv7 import RWKV7
 from engine.model.strategy import parse_strategy, prepare_device
 import kernels
@@ -87,6 +94,26 @@ def bench_model(model: RWKV7, device, T: int, batches: list[int], steps: int) ->
     return out
 
 
+def bench_graphs(model: RWKV7, device, B: int, steps: int) -> float:
+    """Tokens/s of the engine's decode step at batch B: forward and sampling (temperature 1) over the static
+    buffers of a B-row pool, captured as a CUDA graph on CUDA, and the ids copied back every step."""
+    pool = StatePool(model, B)
+    graphs = DecodeGraphs(model, pool, sizes=[B])
+    graphs.capture_all()
+    keys = list(range(B))
+    for key in keys:
+        pool.alloc(key)
+    rows = [SamplerRow(SamplingParams(temperature=1.0), make_generator(0, i)) for i in keys]
+    toks = [100 + i for i in keys]
+
+    def decode():
+        nonlocal toks
+        for _ in range(steps):
+            _, ids = graphs.launch(keys, toks, rows)
+            toks = ids()
+    return B * steps / timed(decode, device, repeats=2)
+
+
 def wkv_inputs(B, T, H, N, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda: torch.randn(B, T, H, N, generator=g, device=device)  # noqa: E731
@@ -120,6 +147,17 @@ def bench_kernels(H: int, N: int, T: int, B: int, dtype, device) -> dict:
     for name in (["triton_step_", "step_"] if device.type == "cuda" else ["step_"]):
         fn = kernels.get_wkv7(name)
         out[f"step B={B} {name}"] = B / timed(lambda: fn(*step), device, repeats=10)
+    try:
+        from fla.ops.rwkv7 import fused_recurrent_rwkv7
+        r, w, k, v, a, b, s = step
+        s_t = s.transpose(-1, -2).contiguous()
+        out[f"step B={B} fla"] = B / timed(lambda: fused_recurrent_rwkv7(r, w, k, v, a, b, initial_state=s_t,
+                                                                         output_final_state=True), device,
+                                           repeats=10)
+    except ImportError:
+        pass
+    except Exception as exc:                             # noqa: BLE001 - as above
+        out[f"step B={B} fla"] = f"failed: {type(exc).__name__}: {exc}"[:80]
     return out
 
 
@@ -127,7 +165,7 @@ def fmt(x) -> str:
     return f"{x:,.0f}" if isinstance(x, float) else str(x)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="0.1b,1.5b,7.2b")
     ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
@@ -145,6 +183,7 @@ def main(argv=None) -> None:
     bandwidth = copy_bandwidth(device)
     print(f"measured copy bandwidth: {bandwidth / 1e9:,.0f} GB/s; dtype {args.dtype}, prefill T={args.prefill}",
           flush=True)
+    targets = []
     for shape_name in args.shapes.split(","):
         t0 = time.perf_counter()
         sd = random_state_dict(SHAPES[shape_name], seed=0, dtype=dtype, device=device)
@@ -156,16 +195,34 @@ def main(argv=None) -> None:
         for backend in args.backends.split(","):
             model = RWKV7(sd, config, strategy, wkv_backend=backend, name=shape_name, native_kernels=False)
             res = bench_model(model, device, args.prefill, batches, args.steps)
-            cells = [f"prefill {fmt(res.pop('prefill'))} tok/s"]
+            prefill = res.pop("prefill")
+            cells = [f"prefill {fmt(prefill)} tok/s"]
             cells += [f"{k} {fmt(v)} tok/s ({100 * v / (bound * int(k[2:])):.0f}% of bound)" for k, v in res.items()]
-            print(f"  model {backend:8s} " + " | ".join(cells), flush=True)
+            print(f"  model {backend:8s} eager  " + " | ".join(cells), flush=True)
+            graphed = {B: bench_graphs(model, device, B, args.steps) for B in batches}
+            print(f"  model {backend:8s} graphs " + " | ".join(
+                f"B={B} {fmt(v)} tok/s ({100 * v / (bound * B):.0f}% of bound)" for B, v in graphed.items()),
+                flush=True)
+            if shape_name == "7.2b":
+                targets.append((backend, prefill, graphed, bound))
             del model
         ker = bench_kernels(config.n_head, config.head_size, args.prefill, max(batches), dtype, device)
         print("  wkv alone: " + " | ".join(f"{k} {fmt(v)} tok/s" for k, v in ker.items()), flush=True)
         del sd
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    for backend, prefill, graphed, bound in targets:
+        print(f"\nissue #17 targets, 7.2B {args.dtype}, {backend} backend:")
+        if 1 in graphed:
+            print(f"  decode B=1 {fmt(graphed[1])} tok/s = {100 * graphed[1] / bound:.0f}% of the bound "
+                  f"{fmt(bound)} (target >= 60%): {'met' if graphed[1] >= 0.6 * bound else 'NOT met'}")
+        if 256 in graphed:
+            print(f"  decode B=256 {fmt(graphed[256])} tok/s (target >= 5,000): "
+                  f"{'met' if graphed[256] >= 5000 else 'NOT met'}")
+        print(f"  prefill T={args.prefill} {fmt(prefill)} tok/s (target >= 10,000): "
+              f"{'met' if prefill >= 10000 else 'NOT met'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

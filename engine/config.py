@@ -60,12 +60,16 @@ class EngineConfig:
     """Longest prompt accepted, in tokens (RWKV has no context limit; this bounds time, not memory)."""
     threads: int = 0
     """CPU threads for the engine's model calls (0: torch's default, one per CPU this process may use)."""
+    cuda_graphs: str = "auto"
+    """Decode over static buffers captured as CUDA graphs, one per batch-size bucket: auto (on for CUDA), on, off."""
 
     def __post_init__(self):
         for name in ("max_sessions", "max_waiting", "prefill_chunk", "step_token_budget",
                      "prefix_cache_interval", "default_max_tokens", "max_max_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"engine.cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.threads < 0:
             raise ValueError(f"engine.threads must be >= 0 (0 = one per CPU), got {self.threads}")
         if self.prefix_cache_bytes < 0:

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs, use_static_decode
 from engine.embeddings import EmbedJob, run_chunk
 from engine.errors import EngineDead, EngineDraining, EngineError, InvalidRequest, Overloaded, RequestFailed
 from engine.model.state import RNNState
 from engine.prefix_cache import PrefixCache
 from engine.request import FinishReason
 from engine.runner import ModelRunner, PrefillResult
-from engine.sampling import sample, top_logprobs
+from engine.sampling import on_device, sample, top_logprobs
 from engine.scheduler import SchedulePlan, Scheduler
 from engine.state_pool import StatePool
 from engine.streams import Outbox
@@ -40,6 +41,7 @@ class Batch:
     seqs: list[tuple[Group, Sequence]]
     logits: torch.Tensor
     masks: Future | None = None
+    sampled: Callable[[], list[int]] | None = None      # the ids sampled on the device (static decode)
 
 
 class EngineCore:
@@ -54,8 +56,10 @@ class EngineCore:
                                    step_token_budget=config.step_token_budget,
                                    align=config.prefix_cache_interval if self.cache.enabled else 0)
         self.initials: dict[str, tuple[str, RNNState | None]] = {"": ("", None)}   # name -> (key, state)
+        static = use_static_decode(config.cuda_graphs, self.pool.state.wkv[0].device)
+        self.graphs = DecodeGraphs(model, self.pool) if static else None
         self.runner = ModelRunner(model, self.pool, self.cache, snapshot_every=config.prefix_cache_interval,
-                                  initials=self.initials)
+                                  initials=self.initials, graphs=self.graphs)
         self._ready: list[Batch] = []                # first tokens of prompts the cache covered whole
         self.mask_filler = MaskFiller()
         self._mask_thread: ThreadPoolExecutor | None = None
@@ -128,6 +132,12 @@ class EngineCore:
         # this thread runs every model call; its OpenMP team should be the only one (engine/model/threads.py)
         torch.set_num_threads(threads)
         on_start(torch.get_num_threads())
+        if self.graphs is not None:                  # captured once, while every state row is free
+            try:
+                self.graphs.capture_all()
+            except Exception:                        # noqa: BLE001 - decode eagerly instead
+                log.exception("CUDA graph capture failed; decoding without graphs")
+                self.graphs = self.runner.graphs = None
         try:
             with torch.inference_mode():
                 while True:
@@ -181,7 +191,7 @@ class EngineCore:
                     for s in g.seqs if s.finished is None]
             if seqs:
                 masks = self._masks_async(seqs)      # grammar masks are filled while the forward runs
-                batches.append(Batch(seqs, self.runner.decode(seqs), masks))
+                batches.append(self._decode(seqs, masks))
         by_length: dict[int, list[tuple[Group, int]]] = {}
         for gid, ntok in plan.prefill:               # equal-length chunks share one batched forward
             g = self.groups.get(gid)
@@ -193,6 +203,16 @@ class EngineCore:
                 if first is not None:
                     batches.append(first)
         return batches
+
+    def _decode(self, seqs: list[tuple[Group, Sequence]], masks: Future | None) -> Batch:
+        """The decode forward: through the static buffers (sampled there too unless a row needs the host
+        sampler: logprobs, grammar masks, biases or penalties) when they are on and the step fits, else eagerly."""
+        if self.graphs is not None:
+            here = masks is None and all(g.params.logprobs is None and on_device(s.row) for g, s in seqs)
+            out = self.runner.decode_static(seqs, sample=here)
+            if out is not None:
+                return Batch(seqs, out[0], masks, out[1] if here else None)
+        return Batch(seqs, self.runner.decode(seqs), masks)
 
     def _prompt_progress(self, r: PrefillResult):
         """Record a prompt chunk; when the prompt is complete, its sequences' first tokens are to be sampled."""
@@ -216,7 +236,7 @@ class EngineCore:
     def _update(self, batches: list[Batch]) -> None:
         """Sample every batch's rows, apply the finish rules, deliver group by group."""
         for batch in batches:
-            self._sample_and_deliver(batch.seqs, batch.logits, self._masks(batch))
+            self._sample_and_deliver(batch.seqs, batch.logits, self._masks(batch), batch.sampled)
 
     # ------------------------------------------------------------------------------------------ grammars
     def _masks_async(self, seqs: list[tuple[Group, Sequence]]) -> Future | None:
@@ -242,11 +262,11 @@ class EngineCore:
 
     # ------------------------------------------------------------------------------------------ sampling
     def _sample_and_deliver(self, seqs: list[tuple[Group, Sequence]], logits: torch.Tensor,
-                            masks: MaskBatch | None = None) -> None:
+                            masks: MaskBatch | None = None, sampled: Callable[[], list[int]] | None = None) -> None:
         want = any(g.params.logprobs is not None for g, _ in seqs)
         try:
-            tokens, logprobs = sample(logits.float().cpu(), [s.row for _, s in seqs], want_logprobs=want,
-                                      mask=masks)
+            tokens, logprobs = (sampled(), None) if sampled is not None else sample(
+                logits.float().cpu(), [s.row for _, s in seqs], want_logprobs=want, mask=masks)
         except Exception:                            # noqa: BLE001 - isolate the culprit: sample rows one by one
             tokens, logprobs = None, None
         by_group: dict[str, tuple[Group, dict[int, list]]] = {}

@@ -29,8 +29,9 @@ class PrefillResult:
 
 class ModelRunner:
     def __init__(self, model, pool: StatePool, cache: PrefixCache, *, snapshot_every: int,
-                 initials: dict[str, tuple[str, RNNState | None]]):
+                 initials: dict[str, tuple[str, RNNState | None]], graphs=None):
         self.model = model
+        self.graphs = graphs                # engine.cuda_graphs.DecodeGraphs when the static decode is on
         self.pool = pool
         self.cache = cache
         self.snapshot_every = snapshot_every
@@ -143,6 +144,13 @@ class ModelRunner:
         tokens = torch.tensor([[s.pending] for _, s in seqs], device=self.model.device)
         logits, _ = self.model.forward(tokens, state)
         return logits
+
+    def decode_static(self, seqs: list[tuple[Group, Sequence]], sample: bool):
+        """decode() through the static buffers (CUDA graphs on CUDA, engine/cuda_graphs.py): (logits [D, V] valid
+        until the next step, a function returning the ids sampled on the device when ``sample``), or None when
+        this step must run decode() instead."""
+        return self.graphs.launch([g.key(s.index) for g, s in seqs], [s.pending for _, s in seqs],
+                                  [s.row for _, s in seqs], sample=sample)
 
     def release(self, g: Group, s: Sequence, snapshot: bool) -> None:
         """A sequence finished: snapshot its conversation state for the next turn (and hand it back when the

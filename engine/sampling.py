@@ -175,7 +175,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     inner = blocks.gather(1, b.unsqueeze(2).expand(R, 1, _CDF_BLOCK)).squeeze(1)   # [R, block]
     j = torch.searchsorted(inner.cumsum(-1), target - before, right=True)
     # rounding between the two levels can leave no index past the target: take the block's last positive one
-    last = torch.where(inner > 0, torch.arange(_CDF_BLOCK), -1).max(-1, keepdim=True).values
+    last = torch.where(inner > 0, torch.arange(_CDF_BLOCK, device=probs.device), -1).max(-1, keepdim=True).values
     picked = (b * _CDF_BLOCK + torch.minimum(j, last)).squeeze(1)
     # a row with no mass at all (cannot come from softmax and the filters, which keep the top token)
     return torch.where(last.squeeze(1) >= 0, picked, probs.argmax(-1))
@@ -234,6 +234,49 @@ def _nucleus_by_rejection(p: torch.Tensor, top_p: torch.Tensor, first: torch.Ten
     u = torch.cat([torch.rand(1, generator=generators[i]) for i in pending.tolist()])
     tokens[pending], _ = _nucleus_in_window(p[pending], top_p[pending], u, k=p.shape[1])
     return tokens
+
+
+def on_device(row: SamplerRow) -> bool:
+    """Whether ``sample_on_device`` can pick this row's token: no logit bias, bans or penalties (the host sampler
+    keeps those, with logprobs and grammar masks, which the caller checks)."""
+    p = row.params
+    return not p.logit_bias and not p.banned_token_ids and row.counts is None
+
+
+def draw_uniforms(rows: list[SamplerRow]) -> list[float]:
+    """Each sampled row's uniform from its own generator, as _sample_rows draws it (greedy rows draw nothing: 0)."""
+    return [0.0 if r.params.greedy else float(torch.rand(1, generator=r.generator)) for r in rows]
+
+
+def sample_on_device(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     min_p: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor, *, filters: bool) -> torch.Tensor:
+    """The sampler as fixed-shape tensor ops on the logits' device: no host synchronisation, no data-dependent
+    shapes, so it runs inside a CUDA graph. Per row [B] tensors: temperature, top_k (<= 0: off), top_p, min_p,
+    greedy (bool) and u (the row's uniform, ``draw_uniforms``); returns the token ids [B] (long).
+
+    The same tokens as ``sample`` for the same uniforms: greedy rows take the argmax; the others softmax at their
+    temperature, top-k and min-p filters, then inverse CDF in vocabulary order, or for top-p rows over the
+    nucleus most likely first (``sample`` samples it the same way when it lies in the top 64 tokens, and for a
+    wider nucleus draws again by rejection, another exact draw from the same distribution but not the same
+    token). ``filters`` False (known on the host: no row has top-k, min-p or top-p) skips the sort."""
+    B, V = logits.shape
+    x = logits.float()
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)
+    probs = torch.softmax(x / temp.unsqueeze(1), dim=-1)
+    if filters:
+        vals, idx = probs.sort(dim=-1, descending=True)                       # [B, V] most likely first
+        k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+        floor = torch.maximum(vals.gather(1, (k - 1).unsqueeze(1)), min_p.unsqueeze(1) * vals[:, :1])
+        probs = torch.where(probs < floor, 0.0, probs)
+        vals = torch.where(vals < floor, 0.0, vals)
+        csum = vals.cumsum(-1)
+        last = torch.searchsorted(csum, (top_p * csum[:, -1]).unsqueeze(1)).clamp(max=V - 1)   # nucleus [0, last]
+        j = torch.minimum(torch.searchsorted(csum, u.unsqueeze(1) * csum.gather(1, last), right=True), last)
+        nucleus = idx.gather(1, j).squeeze(1)
+    picked = _inverse_cdf(probs, u)
+    if filters:
+        picked = torch.where(top_p < 1.0, nucleus, picked)
+    return torch.where(greedy, x.argmax(-1), picked)
 
 
 def top_logprobs(logprobs: torch.Tensor, row: int, token: int, k: int) -> TokenLogprob:

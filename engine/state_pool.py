@@ -86,6 +86,20 @@ class StatePool:
                 self._assign(key, target)
         return self._narrow(0, len(keys))
 
+    def clear(self, start: int, end: int) -> bool:
+        """Move every owner of rows [start, end) to a free row at or above ``end``, so a batch padded to ``end``
+        rows (a CUDA graph's bucket) computes on free rows only; False, moving nothing, when too few are free."""
+        owners = [row for row in range(start, end) if self._holder[row] is not None]
+        free = [row for row in range(self.size - 1, end - 1, -1) if self._holder[row] is None]
+        if len(owners) > len(free):
+            return False
+        for row, target in zip(owners, free):
+            key = self._holder[row]
+            self._copy_row(row, target)
+            self._holder[row] = None
+            self._assign(key, target)
+        return True
+
     # ------------------------------------------------------------------------------------------ rows
     def _assign(self, key: Hashable, row: int) -> None:
         self._holder[row] = key
@@ -106,5 +120,7 @@ class StatePool:
             t[dst].copy_(t[src])
 
     def _swap_rows(self, a: int, b: int) -> None:
-        for t in self._tensors():
-            t[[a, b]] = t[[b, a]]
+        for t in self._tensors():            # row copies, no index tensor: no host-to-device copy, no sync
+            held = t[a].clone()
+            t[a].copy_(t[b])
+            t[b].copy_(held)

@@ -335,9 +335,9 @@ def weights_identity(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
         flat = t.detach().reshape(-1).contiguous().view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         n, piece = flat.numel(), 4096
         if n <= piece * IDENTITY_SAMPLES:
-            h.update(flat.numpy().tobytes())
+            h.update(flat.cpu().numpy().tobytes())          # weights drawn on a GPU (bench/gpu.py) come back
             continue
         for k in range(IDENTITY_SAMPLES):
             start = (n - piece) * k // (IDENTITY_SAMPLES - 1)
-            h.update(flat[start:start + piece].numpy().tobytes())
+            h.update(flat[start:start + piece].cpu().numpy().tobytes())
     return h.hexdigest()

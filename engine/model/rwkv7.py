@@ -22,6 +22,7 @@ from engine.formats.checkpoint import load_weights, weights_identity
 LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCALE * sigmoid(z), in [-0.607, 0)
 LN_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5                  # head_size * 1e-5 in every released model (RWKV-LM "notice eps value")
+FUSED_TRITON_BELOW = 16                 # wkv_backend="triton": shorter inputs (decode) run the fused Triton time mix
 log = logging.getLogger("goose.engine")
 SEQUENCE_BACKENDS = ("chunked", "reference", "triton")  # kernels for T > 1 when the native time mix is off
 STEP_BACKENDS = {"chunked": "step_", "triton": "triton_step_"}  # decode (T = 1); reference uses itself
@@ -122,6 +123,7 @@ class RWKV7:
                         setattr(lw, name, (getattr(lw, name)[1],) * 2)
         self.decode_kernel = ("native" if self._native_time_mix is not None
                               else "triton" if wkv_backend == "triton" else "torch")
+        self._triton_time_mix = self._prepare_triton_time_mix()
 
     def _prepare_native(self, wanted: bool | None):
         """The fused native time mix per layer (kernels/native.py), for decode and prompts, or None for the
@@ -296,6 +298,8 @@ class RWKV7:
         """The time mix between the projections and the output projection, in torch ops (the native
         kernel's ground truth, and the path on CUDA, without the native kernels, and for strided states)."""
         B, T, _ = r.shape
+        if self._triton_time_mix is not None and T < FUSED_TRITON_BELOW:     # wkv_backend="triton": one launch
+            return self._time_mix_triton(i, r, w_lora, k, v, a_lora, v_lora, v_first, g, state)
         H, N = self.config.n_head, self.config.head_size
         log_w = LOG_DECAY_SCALE * torch.sigmoid(lw.w0 + w_lora)
         alpha = torch.sigmoid(lw.a0 + a_lora)
@@ -307,6 +311,23 @@ class RWKV7:
         y = F.group_norm(y.reshape(B * T, H * N), H, lw.ln_x[0], lw.ln_x[1], GROUP_NORM_EPS).view(B, T, H, N)
         bonus = ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
         return (y + bonus).view(B, T, -1) * g
+
+    def _prepare_triton_time_mix(self):
+        """wkv_backend="triton": each layer's parameters for the fused Triton time mix
+        (kernels/time_mix_triton.py), used for inputs shorter than FUSED_TRITON_BELOW tokens; else None."""
+        if self.wkv_backend != "triton" or self._native_time_mix is not None:
+            return None
+        from kernels.time_mix_triton import TimeMixParams
+        return [TimeMixParams(w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a, r_k=lw.r_k.contiguous(),
+                              ln_w=lw.ln_x[0], ln_b=lw.ln_x[1], eps=GROUP_NORM_EPS, log_decay_scale=LOG_DECAY_SCALE)
+                for lw in self.layers]
+
+    def _time_mix_triton(self, i, r, w_lora, k, v, a_lora, v_lora, v_first, g, state) -> torch.Tensor:
+        """_time_mix_core's math in one Triton launch: the path of CUDA decode with wkv_backend="triton"."""
+        from kernels.time_mix_triton import time_mix_triton
+        first = v_first if i > 0 else None
+        return time_mix_triton(r, w_lora, k, v, a_lora, v_lora, first, g, state.wkv[i],
+                               self._triton_time_mix[i], out_dtype=self.dtype)
 
     def _wkv(self, i, r, log_w, k, v, a, b, state: RNNState) -> torch.Tensor:
         B, T, _ = r.shape
