@@ -1,7 +1,6 @@
 """RWKV-7 x070 inference model: one forward for prefill and decode, fp32 state and norms, matmuls in the strategy dtype."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 import logging
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from kernels import native, native_decode
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model.allocator import release_free_memory
+from engine.model.layers import LayerWeights, Lora, owned, prepare_layer
 from engine.model.linear import select_linear
 from engine.model import quant
 from engine.model.state import RNNState
@@ -27,47 +27,6 @@ log = logging.getLogger("goose.engine")
 SEQUENCE_BACKENDS = ("chunked", "reference", "triton")  # kernels for T > 1 when the native time mix is off
 STEP_BACKENDS = {"chunked": "step_", "triton": "triton_step_"}  # decode (T = 1); reference uses itself
 DECODE_ROWS = 16        # single-token steps of up to this many sequences take the native LoRA + time mix call
-
-
-Lora = tuple[torch.Tensor, torch.Tensor]   # (plain [out, in] for F.linear, the same prepared for the backend)
-
-
-@dataclass
-class LayerWeights:
-    """One block's tensors, prepared once: vectors fp32, matrices in the matmul dtype laid out [out, in] for
-    ``linear(x, W)`` (the checkpoint's own layout for projections; the LoRA factors are transposed once).
-    LoRA factors are (plain, prepared) pairs: see RWKV7._lora."""
-    ln1: tuple[torch.Tensor, torch.Tensor]
-    ln2: tuple[torch.Tensor, torch.Tensor]
-    att_mix: torch.Tensor                 # [6, C] fp32: x_r, x_k, x_v, x_w, x_a, x_g
-    w_r: torch.Tensor                     # [A, C] receptance
-    w_k: torch.Tensor                     # [A, C] key
-    w_v: torch.Tensor                     # [A, C] value
-    w_out: torch.Tensor                   # [C, A]
-    w0: torch.Tensor                      # [A] fp32
-    w1: Lora                              # [Dw, C]
-    w2: Lora                              # [A, Dw]
-    a0: torch.Tensor
-    a1: Lora
-    a2: Lora
-    v0: torch.Tensor | None               # value residual, None at layer 0
-    v1: Lora | None
-    v2: Lora | None
-    g1: Lora
-    g2: Lora
-    k_k: torch.Tensor                     # [A] fp32
-    k_a: torch.Tensor                     # [A] fp32
-    r_k: torch.Tensor                     # [H, N] fp32
-    ln_x: tuple[torch.Tensor, torch.Tensor]
-    ffn_mix: torch.Tensor                 # [1, C] fp32
-    ffn_key: torch.Tensor                 # [F, C]
-    ffn_value: torch.Tensor               # [C, F]
-
-
-def _owned(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """t, copied if it still shares memory with the loaded checkpoint: the vectors are small, and once no
-    model tensor refers to the memory-mapped file, the mapping (the whole file) is released after loading."""
-    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 class RWKV7:
@@ -96,7 +55,7 @@ class RWKV7:
         quantized = quant.QUANTIZED if strategy.quant else ()
 
         def f32(key: str) -> torch.Tensor:
-            return _owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
+            return owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
 
         def mat(key: str):                                  # quantized in fp32 by chunks of rows
             if quant.family(key) in quantized:
@@ -104,14 +63,14 @@ class RWKV7:
             return pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
-            plain = _owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
+            plain = owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
             return plain, pack(plain)                       # the same tensor when the backend keeps it plain
         C = config.n_embd
         emb = F.layer_norm(f32("emb.weight"), (C,), f32("blocks.0.ln0.weight"), f32("blocks.0.ln0.bias"), LN_EPS)
         self.emb = emb.to(self.dtype)                       # [V, C], ln0 folded in
         self.ln_out = (f32("ln_out.weight"), f32("ln_out.bias"))
         self.head = mat("head.weight")                      # [V, C]
-        self.layers = [self._prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
+        self.layers = [prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
         self._native_time_mix = self._prepare_native(native_kernels)
         self._native_decode = self._prepare_native_decode()
         if self._native_decode is not None and linear.name == "aten" and not strategy.quant:
@@ -166,28 +125,6 @@ class RWKV7:
              for name in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2")},
             dict(w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a, r_k=lw.r_k, ln_w=lw.ln_x[0], ln_b=lw.ln_x[1]),
             eps=GROUP_NORM_EPS, log_decay_scale=LOG_DECAY_SCALE) for lw in self.layers]
-
-    @staticmethod
-    def _prepare_layer(i, f32, mat, lora) -> LayerWeights:
-        # projections keep the checkpoint's [out, in]; LoRA factors (stored [in, out]) are transposed
-        p = f"blocks.{i}."
-        vec = lambda key: f32(p + key).reshape(-1)  # noqa: E731
-        att_mix = torch.stack([vec(f"att.x_{c}") for c in "rkvwag"])
-        has_v = i > 0
-        return LayerWeights(
-            ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")),
-            att_mix=att_mix,
-            w_r=mat(p + "att.receptance.weight"), w_k=mat(p + "att.key.weight"), w_v=mat(p + "att.value.weight"),
-            w_out=mat(p + "att.output.weight"),
-            w0=vec("att.w0"), w1=lora(p + "att.w1"), w2=lora(p + "att.w2"),
-            a0=vec("att.a0"), a1=lora(p + "att.a1"), a2=lora(p + "att.a2"),
-            v0=vec("att.v0") if has_v else None, v1=lora(p + "att.v1") if has_v else None,
-            v2=lora(p + "att.v2") if has_v else None,
-            g1=lora(p + "att.g1"), g2=lora(p + "att.g2"),
-            k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=f32(p + "att.r_k"),
-            ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
-            ffn_mix=vec("ffn.x_k").view(1, -1), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),
-        )
 
     # ------------------------------------------------------------------------------------------ public API
     def zero_state(self, batch_size: int = 1) -> RNNState:
