@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from engine.errors import ModelLoadError
 from engine.model import quant                     # the one dependence on it: its public names, read at call time
+from engine.model.allocator import release_pages
 from engine.model.quant import Int4Weight, Int8Weight
 
 FORMAT, VERSION = "rwkv7-quantized", "1"
@@ -204,8 +205,9 @@ def open_quantized(path: Path, meta: dict[str, torch.Tensor], get: Callable[[str
 def _int8_weight(q: torch.Tensor, scale: torch.Tensor, k: int) -> Int8Weight:
     # codes copied out of the file mapping (the mapping is released after loading); K padded to a multiple of 8 as
     # the product needs (engine/model/quant.py)
-    q = F.pad(q, (0, -k % 8)) if k % 8 else q.clone()
-    return Int8Weight(q, scale.to(_BF16).contiguous(), k)
+    codes = F.pad(q, (0, -k % 8)) if k % 8 else q.clone()
+    release_pages(q)
+    return Int8Weight(codes, scale.to(_BF16).contiguous(), k)
 
 
 def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group: int) -> Int4Weight:
@@ -219,6 +221,7 @@ def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
         codes = torch.stack((rows & 15, rows >> 4), dim=-1).view(rows.shape[0], Kp).to(torch.int32)
         codes = F.pad(codes, (0, 0, 0, min(_CHUNK, Np - i) - rows.shape[0]), value=8)
         pieces.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+    release_pages(packed)
     sz = torch.stack((scale.to(_BF16), zero.to(_BF16)), dim=-1)                 # [N, Kp / G, 2]
     sz = F.pad(sz, (0, 0, 0, 0, 0, Np - N)).transpose(0, 1).contiguous()        # [Kp / G, Np, 2]
     return Int4Weight(torch.cat(pieces) if len(pieces) > 1 else pieces[0], sz, N, k, group)

@@ -12,7 +12,7 @@ import kernels
 from kernels import native
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.model.allocator import release_free_memory
+from engine.model.allocator import release_free_memory, release_pages
 from engine.model.linear import select_linear
 from engine.model import quant
 from engine.model.state import RNNState
@@ -101,7 +101,9 @@ class RWKV7:
             if not isinstance(sd[key], torch.Tensor):       # stored quantized (engine/formats/quantized.py)
                 return sd[key]
             if quant.family(key) in quantized:
-                return proj.prepare(sd[key])
+                prepared = proj.prepare(sd[key])
+                release_pages(sd[key])                      # the float matrix is not read again (allocator.py)
+                return prepared
             return pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
