@@ -3,6 +3,7 @@ memory under the float and quantized strategies.
 
     python -m bench.memory [--contexts 1024,16384,131072] [--decode 256] [--dtype fp32]
     python -m bench.memory --shape 2.9b [--checkpoint PATH] [--strategies "cpu bf16,cpu bf16i8,cpu bf16i4"]
+                           [--prequantized i8,i4]
 
 Each context length runs in its own process (peak RSS is per process): prefill the context into one
 sequence in 512-token chunks (as the engine does), then decode 256 more tokens one at a time.
@@ -12,7 +13,8 @@ token is measured at the shorter contexts as the reference (its prompt loop is t
 --shape 2.9b writes a random 2.9B-shaped checkpoint (L32 C2560 N64 V65536, official key names) once, in bf16,
 streamed tensor by tensor (~5.7 GB; kept at --checkpoint for the next run), then loads it under each strategy in
 a fresh process: the peak RSS of loading, the steady RSS after a few decoded tokens (split into anonymous memory
-and pages of the mapped checkpoint), the weights' own bytes, and the decode time per token.
+and pages of the mapped checkpoint), the weights' own bytes, and the decode time per token. --prequantized adds
+rows for the same model converted once by `goose convert --dtype i8|i4` (kept beside it), loaded as cpu bf16iN.
 """
 from __future__ import annotations
 
@@ -127,18 +129,32 @@ def ensure_2b9(path: str) -> str:
     return path
 
 
+def ensure_prequantized(path: str, kind: str) -> str:
+    """The checkpoint at path converted by goose convert --dtype kind, kept beside it (written once)."""
+    from engine.formats.convert import convert
+    out = path.replace(".safetensors", f"-{kind}.safetensors")
+    if not os.path.exists(out):
+        t0 = time.perf_counter()
+        convert(path, out, dtype=kind, progress=False, note=lambda text: None)
+        print(f"  goose convert --dtype {kind}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
 def main_2b9(args) -> int:
     from bench.machine import machine_line
     path = ensure_2b9(args.checkpoint)
+    runs = [(path, s.strip(), s.strip()) for s in args.strategies.split(",") if s.strip()]
+    for kind in (k.strip() for k in args.prequantized.split(",") if k.strip()):
+        runs.append((ensure_prequantized(path, kind), f"cpu bf16{kind}", f"cpu bf16{kind}, {kind} file"))
     rows = []
-    for strategy in (s.strip() for s in args.strategies.split(",")):
-        print(f"{strategy} ...", file=sys.stderr)
+    for file, strategy, label in runs:
+        print(f"{label} ...", file=sys.stderr)
         res = subprocess.run([sys.executable, "-m", "bench.memory", "--decode", str(args.decode),
-                              "--child-strategy", f"{path}|{strategy}"], capture_output=True, text=True)
+                              "--child-strategy", f"{file}|{strategy}"], capture_output=True, text=True)
         if res.returncode:
-            print(f"{strategy} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+            print(f"{label} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(res.stdout.strip().splitlines()[-1]), "strategy": label})
     print(f"\nmachine: {machine_line()}")
     print(f"model: random RWKV-7 2.9B shape (L32 C2560 N64 V65536), {path} "
           f"({os.path.getsize(path) / 2**30:.2f} GiB, bf16); each strategy in a fresh process; "
@@ -166,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=DEFAULT_2B9, help="--shape 2.9b: where the random checkpoint is kept "
                     "(written there the first time)")
     ap.add_argument("--strategies", default="cpu bf16,cpu bf16i8,cpu bf16i4", help="--shape 2.9b: strategies")
+    ap.add_argument("--prequantized", default="", help="--shape 2.9b: also load goose convert --dtype i8/i4 files "
+                    "of the model (e.g. i8,i4)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-strategy", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
