@@ -123,13 +123,14 @@ def write_file(path: Path, names: list[str], meta: dict[str, torch.Tensor], get:
 
 
 def check_int4_layout() -> None:
-    """Writing int4 reads the codes back from torch's packing (unpack_int4): refuse where that is not known."""
+    """Writing int4 reads the codes back from torch's packing (unpack_int4): refuse where that layout is not known.
+    (Reading needs no check: torch packs the plain codes itself.)"""
     codes = torch.randint(0, 16, (64, 128), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     w = _int4_weight(codes[:, 0::2] | (codes[:, 1::2] << 4), torch.ones(64, 2, dtype=_BF16),
                      torch.zeros(64, 2, dtype=_BF16), 128, 64)
     if not torch.equal(quant.unpack_int4(w.packed)[:64].to(torch.uint8), codes):
         raise ModelLoadError(f"this torch build ({torch.__version__}) packs int4 weights in a layout Goose does not "
-                             f"know, so int4 files cannot be written or read here; use --dtype i8")
+                             f"know, so int4 files cannot be written here (they can be read); use --dtype i8")
 
 
 # ----------------------------------------------------------------------------------------------- reading
