@@ -208,7 +208,7 @@ def _int8_weight(q: torch.Tensor, scale: torch.Tensor, k: int) -> Int8Weight:
     # the product needs (engine/model/quant.py)
     codes = F.pad(q, (0, -k % 8)) if k % 8 else q.clone()
     release_pages(q)
-    return Int8Weight(codes, scale.to(_BF16).contiguous(), k)
+    return Int8Weight(codes, scale.to(_BF16, copy=True), k)       # a copy: no view keeps the file mapped
 
 
 def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group: int) -> Int4Weight:
