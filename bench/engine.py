@@ -1,7 +1,7 @@
 """Engine benchmark: Goose vs the official rwkv==0.8.32 package on one random 0.1B-shaped checkpoint, same run.
 
-    python -m bench.engine [--dtypes fp32,bf16] [--quant fp32i8,bf16i8,bf16i4] [--prefill 1024] [--decode 32]
-                           [--batch 64]
+    python -m bench.engine [--dtypes fp32,bf16] [--quant fp32i8,bf16i8,fp32i4,bf16i4] [--prefill 1024]
+                           [--decode 32] [--batch 64]
     python -m bench.engine --device cuda [bench/gpu.py's options]     # the GPU benchmark, bench/gpu.py
 
 Prints prefill tokens/s (T=1024), single-stream decode tokens/s, and Goose's batched decode (aggregate
@@ -11,7 +11,11 @@ column runs the same checkpoint exported by `goose convert` to GGUF (F32 for fp3
 
 A second table puts the quantized strategies (--quant) beside the float strategy with the same activation dtype,
 all Goose in the same run, with each single-stream decode's weight-read bound: the bytes of weights one token
-reads (every matrix once, one embedding row) divided by this machine's read bandwidth (measured at start).
+reads (every matrix once, one embedding row) divided by this machine's read bandwidth (measured once, after the
+contenders). With llama-cpp-python, llama.cpp runs the same checkpoint there too: F32/BF16 GGUF beside the float
+rows, Q8_0 (goose convert --dtype q8_0) beside the i8 rows and Q4_0 (llama.cpp's own quantizer,
+llama_model_quantize on the F32 GGUF, its default Q4_0 recipe) beside the i4 rows, each with its own bound
+(its GGUF's tensor bytes per token).
 """
 from __future__ import annotations
 
@@ -137,6 +141,47 @@ def export_gguf(pth: str, dtype: str) -> str:
     return path
 
 
+QUANT_GGUF = {"i8": ("Q8_0", "goose convert --dtype q8_0"),
+              "i4": ("Q4_0", "llama.cpp's quantizer (llama_model_quantize) on the F32 GGUF")}
+
+
+def export_quantized_gguf(pth: str, kind: str) -> str:
+    """The GGUF llama.cpp runs beside a quantized strategy: Q8_0 from goose convert for i8; Q4_0 for i4 made as
+    llama.cpp users make it, by llama.cpp's own quantizer from the F32 GGUF (its default recipe)."""
+    if kind == "i8":
+        return export_gguf(pth, "q8_0")
+    import ctypes
+
+    import llama_cpp
+    f32 = export_gguf(pth, "fp32")
+    path = pth.replace(".pth", "-q4_0.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = torch.get_num_threads()
+    rc = llama_cpp.llama_model_quantize(f32.encode(), path.encode(), ctypes.byref(params))
+    os.remove(f32)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {f32} -> {path}")
+    return path
+
+
+def gguf_bytes_per_token(path: str) -> tuple[int, str]:
+    """(bytes of a GGUF's tensors one decode step reads: all but the embedding, plus one embedding row; the
+    tensor types of its matrices, e.g. "Q4_0 x72, Q6_K x1")."""
+    from collections import Counter
+
+    import gguf
+    total, types = 0, Counter()
+    for t in gguf.GGUFReader(path).tensors:
+        n = int(t.n_bytes)
+        if t.name == "token_embd.weight":
+            n //= int(t.shape[-1])                  # one row of [n_vocab, n_embd] (GGUF lists dims reversed)
+        total += n
+        if len(t.shape) == 2 and min(int(d) for d in t.shape) > 1:
+            types[t.tensor_type.name] += 1
+    return total, ", ".join(f"{name} x{n}" for name, n in types.most_common())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     device = argparse.ArgumentParser(add_help=False)
@@ -149,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu (this benchmark), or cuda / cuda:N: bench/gpu.py's "
                     "prefill and decode of 0.1B/1.5B/7.2B shapes (its own options: --shapes, --dtype, ...)")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--quant", default="fp32i8,bf16i8,bf16i4",
+    ap.add_argument("--quant", default="fp32i8,bf16i8,fp32i4,bf16i4",
                     help="quantized strategies, Goose only, beside the float one with their activation dtype "
                          "('' for none)")
     ap.add_argument("--prefill", type=int, default=1024, help="prompt length T for prefill")
@@ -179,11 +224,25 @@ def main(argv: list[str] | None = None) -> int:
                 llama = call_in_new_thread(bench_llamacpp, gguf_path, args.prefill, args.decode, args.repeats)
                 os.remove(gguf_path)
             rows.append((dtype, ref, ours, llama))
-        quant_rows = {}
+        quant_rows, llama_quant = {}, {}
         for name in [q for q in args.quant.split(",") if q]:
             print(f"[cpu {name}] goose ...", file=sys.stderr)
             quant_rows[name] = call_in_new_thread(bench_goose, stem + ".pth", name, args.prefill, args.decode,
                                                   args.batch, args.repeats)
+            kind = name[-2:]
+            if with_llama and kind not in llama_quant:     # one GGUF per quantization: activations are llama.cpp's
+                qtype, how = QUANT_GGUF[kind]
+                print(f"[{qtype}] llama.cpp ({how}) ...", file=sys.stderr)
+                gguf_path = call_in_new_thread(export_quantized_gguf, stem + ".pth", kind)
+                llama_quant[kind] = call_in_new_thread(bench_llamacpp, gguf_path, args.prefill, args.decode,
+                                                       args.repeats)
+                llama_quant[kind]["bytes"], llama_quant[kind]["types"] = gguf_bytes_per_token(gguf_path)
+                os.remove(gguf_path)
+        if with_llama and quant_rows:                      # the float GGUFs' bytes, for their bound
+            for dtype, _, _, llama in rows:
+                gguf_path = call_in_new_thread(export_gguf, stem + ".pth", dtype)
+                llama["bytes"], llama["types"] = gguf_bytes_per_token(gguf_path)
+                os.remove(gguf_path)
         bandwidth = call_in_new_thread(read_bandwidth) if quant_rows else 0.0
     print(f"\nmachine: {machine_line()}")
     print("model: random RWKV-7 0.1B shape (L12 C768 H12 N64 V65536); reference: rwkv 0.8.32 (RWKV_JIT_ON=1)")
@@ -214,28 +273,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {s} | decode B={args.batch} aggregate | {ref['decode']:.1f} (B=1) | {ours['batched']:.0f} | "
               f"{ours['batched'] / ref['decode']:.1f}x | >= 20x |{extra(llama, ours, None)}")
     if quant_rows:
-        print_quant_table(quant_rows, {dtype: ours for dtype, _, ours, _ in rows}, bandwidth, args)
+        llama_by_row = {dtype: llama for dtype, _, _, llama in rows}
+        llama_by_row.update({name: llama_quant.get(name[-2:]) for name in quant_rows})
+        print_quant_table(quant_rows, {dtype: ours for dtype, _, ours, _ in rows}, bandwidth, args,
+                          llama_by_row if with_llama else None)
     return 0
 
 
-def print_quant_table(quant_rows: dict, float_rows: dict, bandwidth: float, args) -> None:
-    """Quantized strategies beside the float one with the same activations; B=1 decode against its bound."""
+def print_quant_table(quant_rows: dict, float_rows: dict, bandwidth: float, args, llama: dict | None) -> None:
+    """Quantized strategies beside the float one with the same activations; B=1 decode against its bound; with
+    llama (row name -> llama.cpp's results on the matching GGUF, or None), llama.cpp beside each row."""
     print(f"\nquantized strategies (Goose, same run); read bandwidth {bandwidth / 1e9:.1f} GB/s (a sum over 512 MiB); "
           f"bound = weight bytes per token / bandwidth")
+    llama_head = (" llama.cpp GGUF | its bytes per token | llama.cpp prefill tok/s | llama.cpp decode B=1 tok/s | "
+                  "llama.cpp share of bound | goose / llama.cpp decode |") if llama else ""
     print(f"| strategy | weights read per token | prefill T={args.prefill} tok/s | decode B=1 tok/s | "
-          f"B=1 bound tok/s | share of bound | decode B={args.batch} tok/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"B=1 bound tok/s | share of bound | decode B={args.batch} tok/s |{llama_head}")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---|---:|---:|---:|---:|---:|" if llama else ""))
     for name, r in [(f"{d}", float_rows[d]) for d in float_rows] + list(quant_rows.items()):
         base = float_rows.get(name[:4])
 
         def ratio(key: str) -> str:
             return f" ({r[key] / base[key]:.2f}x)" if base is not None and base is not r else ""
         bound = bandwidth / r["weight_bytes"]
-        print(f"| cpu {name} | {r['weight_bytes'] / 1e6:.0f} MB | {r['prefill']:.0f}{ratio('prefill')} | "
-              f"{r['decode']:.1f}{ratio('decode')} | {bound:.1f} | {100 * r['decode'] / bound:.0f}% | "
-              f"{r['batched']:.0f}{ratio('batched')} |")
+        line = (f"| cpu {name} | {r['weight_bytes'] / 1e6:.0f} MB | {r['prefill']:.0f}{ratio('prefill')} | "
+                f"{r['decode']:.1f}{ratio('decode')} | {bound:.1f} | {100 * r['decode'] / bound:.0f}% | "
+                f"{r['batched']:.0f}{ratio('batched')} |")
+        lr = llama.get(name) if llama else None
+        if lr:
+            line += (f" {lr['types']} | {lr['bytes'] / 1e6:.0f} MB | {lr['prefill']:.0f} | {lr['decode']:.1f} | "
+                     f"{100 * lr['decode'] * lr['bytes'] / bandwidth:.0f}% | {r['decode'] / lr['decode']:.2f}x |")
+        elif llama:
+            line += " - | - | - | - | - | - |"
+        print(line)
     print("(x): against the float strategy with the same activation dtype; goose kernels: "
           + "; ".join(f"cpu {n}: {r['kernels']}" for n, r in quant_rows.items()))
+    if llama:
+        print("llama.cpp: " + "; ".join(f"{qtype} for {kind} rows from {how}" for kind, (qtype, how) in
+                                        QUANT_GGUF.items() if any(n.endswith(kind) for n in quant_rows))
+              + "; the GGUF column lists the types of its matrices")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,15 @@ SHAPE_0B1 = CheckpointShape(n_layer=12, n_embd=768, head_size=64, vocab_size=655
                             decay_lora=64, iclr_lora=64, value_lora=32, gate_lora=128)
 
 
-def random_state_dict(shape: CheckpointShape, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A state dict laid out exactly like a BlinkDL .pth, with weights scaled so activations stay sane.
+SHAPE_2B9 = CheckpointShape(n_layer=32, n_embd=2560, head_size=64, vocab_size=65536,
+                            decay_lora=96, iclr_lora=96, value_lora=64, gate_lora=320)
+
+
+def random_tensors(shape: CheckpointShape, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """The plan of a random checkpoint: (key, shape, draw) in the official BlinkDL order, where draw() makes the
+    tensor. The draws share one generator, so they must be called in list order (random_state_dict, or
+    write_checkpoint's streaming writer, which needs every shape before the first tensor exists).
 
     device: where the numbers are drawn ("cuda" makes a 7B-shaped model in seconds; the values differ
     from the CPU draw for the same seed)."""
@@ -42,60 +49,75 @@ def random_state_dict(shape: CheckpointShape, *, seed: int = 0, dtype: torch.dty
     if C % N:
         raise ValueError(f"n_embd {C} is not a multiple of head_size {N}")
     H = C // N
+    plan = []
 
-    def randn(*size, std=1.0):
-        return torch.randn(*size, generator=g, device=device) * std
+    def randn(key, *size, std=1.0):
+        plan.append((key, size, lambda: (torch.randn(*size, generator=g, device=device) * std).to(dtype)))
 
-    def unif(*size, lo=0.0, hi=1.0):
-        return torch.rand(*size, generator=g, device=device) * (hi - lo) + lo
+    def unif(key, *size, lo=0.0, hi=1.0):
+        plan.append((key, size, lambda: (torch.rand(*size, generator=g, device=device) * (hi - lo) + lo).to(dtype)))
 
     def ln(prefix):
-        return {f"{prefix}.weight": 1.0 + randn(C, std=0.1), f"{prefix}.bias": randn(C, std=0.1)}
+        plan.append((f"{prefix}.weight", (C,),
+                     lambda: (1.0 + torch.randn(C, generator=g, device=device) * 0.1).to(dtype)))
+        randn(f"{prefix}.bias", C, std=0.1)
 
-    sd: dict[str, torch.Tensor] = {"emb.weight": randn(V, C, std=1.0)}
-    sd.update(ln("blocks.0.ln0"))
+    randn("emb.weight", V, C, std=1.0)
+    ln("blocks.0.ln0")
     for i in range(shape.n_layer):
         p = f"blocks.{i}."
-        sd.update(ln(p + "ln1"))
-        sd.update(ln(p + "ln2"))
+        ln(p + "ln1")
+        ln(p + "ln2")
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
-            sd[p + "att." + name] = unif(1, 1, C)
-        sd[p + "att.w0"] = unif(1, 1, C, lo=-6.0, hi=2.0)       # spread of time constants
-        sd[p + "att.w1"] = randn(C, shape.decay_lora, std=0.1)
-        sd[p + "att.w2"] = randn(shape.decay_lora, C, std=0.1)
-        sd[p + "att.a0"] = randn(1, 1, C, std=0.5)
-        sd[p + "att.a1"] = randn(C, shape.iclr_lora, std=0.1)
-        sd[p + "att.a2"] = randn(shape.iclr_lora, C, std=0.1)
+            unif(p + "att." + name, 1, 1, C)
+        unif(p + "att.w0", 1, 1, C, lo=-6.0, hi=2.0)       # spread of time constants
+        randn(p + "att.w1", C, shape.decay_lora, std=0.1)
+        randn(p + "att.w2", shape.decay_lora, C, std=0.1)
+        randn(p + "att.a0", 1, 1, C, std=0.5)
+        randn(p + "att.a1", C, shape.iclr_lora, std=0.1)
+        randn(p + "att.a2", shape.iclr_lora, C, std=0.1)
         if i > 0 or shape.layer0_value_lora:
-            sd[p + "att.v0"] = randn(1, 1, C, std=0.5)
-            sd[p + "att.v1"] = randn(C, shape.value_lora, std=0.1)
-            sd[p + "att.v2"] = randn(shape.value_lora, C, std=0.1)
-        sd[p + "att.g1"] = randn(C, shape.gate_lora, std=0.1)
-        sd[p + "att.g2"] = randn(shape.gate_lora, C, std=0.1)
-        sd[p + "att.k_k"] = unif(1, 1, C, lo=0.5, hi=1.5)
-        sd[p + "att.k_a"] = unif(1, 1, C, lo=0.5, hi=1.5)
-        sd[p + "att.r_k"] = randn(H, N, std=0.5)
+            randn(p + "att.v0", 1, 1, C, std=0.5)
+            randn(p + "att.v1", C, shape.value_lora, std=0.1)
+            randn(p + "att.v2", shape.value_lora, C, std=0.1)
+        randn(p + "att.g1", C, shape.gate_lora, std=0.1)
+        randn(p + "att.g2", shape.gate_lora, C, std=0.1)
+        unif(p + "att.k_k", 1, 1, C, lo=0.5, hi=1.5)
+        unif(p + "att.k_a", 1, 1, C, lo=0.5, hi=1.5)
+        randn(p + "att.r_k", H, N, std=0.5)
         for name in ("receptance", "key", "value", "output"):
-            sd[p + f"att.{name}.weight"] = randn(C, C, std=1 / math.sqrt(C))
-        sd.update(ln(p + "att.ln_x"))
-        sd[p + "ffn.x_k"] = unif(1, 1, C)
-        sd[p + "ffn.key.weight"] = randn(F, C, std=1 / math.sqrt(C))
-        sd[p + "ffn.value.weight"] = randn(C, F, std=1 / math.sqrt(F))
-    sd.update(ln("ln_out"))
-    sd["head.weight"] = randn(V, C, std=shape.logit_scale / math.sqrt(C))
-    for k in sd:                                   # one tensor at a time: the peak is one fp32 copy, not two
-        sd[k] = sd[k].to(dtype).contiguous()
-    return sd
+            randn(p + f"att.{name}.weight", C, C, std=1 / math.sqrt(C))
+        ln(p + "att.ln_x")
+        unif(p + "ffn.x_k", 1, 1, C)
+        randn(p + "ffn.key.weight", F, C, std=1 / math.sqrt(C))
+        randn(p + "ffn.value.weight", C, F, std=1 / math.sqrt(F))
+    ln("ln_out")
+    randn("head.weight", V, C, std=shape.logit_scale / math.sqrt(C))
+    return plan
+
+
+def random_state_dict(shape: CheckpointShape, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A state dict laid out exactly like a BlinkDL .pth, with weights scaled so activations stay sane
+    (device: see random_tensors)."""
+    return {key: draw().contiguous() for key, _, draw in random_tensors(shape, seed=seed, dtype=dtype, device=device)}
 
 
 def write_checkpoint(path, shape: CheckpointShape, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
-    """Write a random checkpoint as .pth (torch.save) or .safetensors, chosen by the file suffix."""
-    sd = random_state_dict(shape, seed=seed, dtype=dtype)
+    """Write a random checkpoint as .pth (torch.save) or .safetensors, chosen by the file suffix. A .safetensors
+    file is streamed one tensor at a time (a 2.9B shape never exists whole in memory); a .pth is built whole."""
     path = str(path)
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-        save_file(sd, path)
+        from engine.formats.convert import write_safetensors
+        plan = random_tensors(shape, seed=seed, dtype=dtype)
+        draws = iter(plan)
+
+        def produce(key: str) -> torch.Tensor:          # write_safetensors asks in plan order
+            name, _, draw = next(draws)
+            assert name == key, (name, key)
+            return draw()
+        write_safetensors(path, [(key, size, dtype) for key, size, _ in plan], produce)
     elif path.endswith(".pth"):
-        torch.save(sd, path)
+        torch.save(random_state_dict(shape, seed=seed, dtype=dtype), path)
     else:
         raise ValueError(f"{path}: choose a .pth or .safetensors file name")

@@ -33,6 +33,8 @@ class RawCheckpoint(NamedTuple):
     meta: dict[str, torch.Tensor]                   # stored key -> tensor on the meta device (shape, dtype)
     get: Callable[[str], torch.Tensor]
     gguf: object = None                             # the GGUFCheckpoint of a .gguf (BlinkDL names already)
+    quantized: str | None = None                    # "i8" | "i4": a quantized safetensors (formats/quantized.py),
+                                                    # whose get() returns Int8Weight / Int4Weight for its matrices
 
 
 def open_checkpoint(path: str | Path) -> RawCheckpoint:
@@ -41,7 +43,7 @@ def open_checkpoint(path: str | Path) -> RawCheckpoint:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
     if path.is_dir():
-        return RawCheckpoint("hf", *_open_safetensors(_hf_shards(path)))
+        return RawCheckpoint("hf", *_open_safetensors(_hf_shards(path))[:2])
     if path.suffix in (".pth", ".pt"):
         sd = _read_pth(path)
         for key, value in sd.items():
@@ -49,7 +51,12 @@ def open_checkpoint(path: str | Path) -> RawCheckpoint:
                 raise ModelLoadError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         return RawCheckpoint("pth", {k: _meta(v.shape, v.dtype) for k, v in sd.items()}, sd.__getitem__)
     if path.suffix == ".safetensors":
-        return RawCheckpoint("safetensors", *_open_safetensors([path]))
+        meta, get, info = _open_safetensors([path])
+        if "goose.format" in info:                  # written by goose convert --dtype i8|i4
+            from engine.formats.quantized import open_quantized
+            meta, get, kind = open_quantized(path, meta, get, info)
+            return RawCheckpoint("safetensors", meta, get, quantized=kind)
+        return RawCheckpoint("safetensors", meta, get)
     if path.suffix == ".gguf":
         from engine.formats.gguf import GGUFCheckpoint
         ck = GGUFCheckpoint(path)
@@ -90,13 +97,15 @@ def _read_pth_legacy(path: Path) -> dict:
                              f"{_first_line(exc)}") from None
 
 
-def _open_safetensors(files: list[Path]) -> tuple[dict, Callable[[str], torch.Tensor]]:
-    """Shapes and dtypes from the headers; tensors memory-mapped one at a time."""
+def _open_safetensors(files: list[Path]) -> tuple[dict, Callable[[str], torch.Tensor], dict[str, str]]:
+    """Shapes and dtypes from the headers; tensors memory-mapped one at a time; the first file's metadata."""
     from safetensors import SafetensorError, safe_open
-    meta, where = {}, {}
+    meta, where, info = {}, {}, None
     for f in files:
         try:
             handle = safe_open(str(f), framework="pt", device="cpu")
+            if info is None:
+                info = handle.metadata() or {}
             for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 if key in meta:
                     raise ModelLoadError(f"{f}: tensor {key!r} also appears in another shard")
@@ -108,7 +117,7 @@ def _open_safetensors(files: list[Path]) -> tuple[dict, Callable[[str], torch.Te
                 raise
             raise ModelLoadError(f"{f}: cannot read this safetensors file (truncated or corrupt?): "
                                  f"{_first_line(exc)}") from None
-    return meta, lambda key: where[key].get_tensor(key)
+    return meta, lambda key: where[key].get_tensor(key), info or {}
 
 
 def _hf_shards(path: Path) -> list[Path]:
@@ -298,7 +307,7 @@ def validate(sd: dict, cfg: ModelConfig, where) -> dict[str, torch.Tensor]:
             else:
                 raise ModelLoadError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}, "
                                      f"expected {list(shape)} for a model with {_describe(cfg)}")
-        if not tensor.is_floating_point():
+        if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():   # else stored quantized
             raise ModelLoadError(f"{where}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
         out[key] = tensor
     extra = sorted(set(sd) - set(want))
@@ -330,14 +339,18 @@ def weights_identity(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
     import hashlib
     h = hashlib.sha256(repr(sorted(dataclasses.asdict(cfg).items())).encode())
     for name in sorted(sd):
-        t = sd[name]
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        flat = t.detach().reshape(-1).contiguous().view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        n, piece = flat.numel(), 4096
-        if n <= piece * IDENTITY_SAMPLES:
-            h.update(flat.cpu().numpy().tobytes())          # weights drawn on a GPU (bench/gpu.py) come back
-            continue
-        for k in range(IDENTITY_SAMPLES):
-            start = (n - piece) * k // (IDENTITY_SAMPLES - 1)
-            h.update(flat[start:start + piece].cpu().numpy().tobytes())
+        weight = sd[name]          # a tensor, or a quantized weight (engine/model/quant.py): its codes and scales
+        parts = [weight] if isinstance(weight, torch.Tensor) else \
+            [v for v in vars(weight).values() if isinstance(v, torch.Tensor)]
+        for t in parts:
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            flat = (t.detach().reshape(-1).contiguous().view(torch.uint8) if t.numel()
+                    else torch.empty(0, dtype=torch.uint8))
+            n, piece = flat.numel(), 4096
+            if n <= piece * IDENTITY_SAMPLES:
+                h.update(flat.cpu().numpy().tobytes())          # weights drawn on a GPU (bench/gpu.py) come back
+                continue
+            for k in range(IDENTITY_SAMPLES):
+                start = (n - piece) * k // (IDENTITY_SAMPLES - 1)
+                h.update(flat[start:start + piece].cpu().numpy().tobytes())
     return h.hexdigest()

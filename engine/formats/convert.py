@@ -1,13 +1,14 @@
 """`goose convert SRC DST`: move an RWKV-7 model between .pth, .safetensors, a Hugging Face (fla-hub) directory and GGUF.
 
-    goose convert SRC DST [--to pth|safetensors|hf|gguf|tokenizer] [--dtype fp32|fp16|bf16|q8_0]
+    goose convert SRC DST [--to pth|safetensors|hf|gguf|tokenizer] [--dtype fp32|fp16|bf16|q8_0|i8|i4]
                           [--tokenizer world|none|PATH] [--force] [--quiet]
 
 The output format comes from DST when --to is omitted: .pth/.pt, .safetensors, .gguf, a .json/.txt tokenizer file,
 or a directory (no suffix) for the Hugging Face layout. Tensors are read lazily (memory-mapped) and written one at a
 time, so a conversion needs about one tensor of extra memory (a .pth output is the exception: torch.save takes the
 whole dict, about 1x the model). Outputs are written to a temporary name and renamed at the end; an existing DST is
-refused unless --force.
+refused unless --force. --dtype i8|i4 writes a quantized .safetensors file, the big matrices stored as the
+`cpu ...i8` / `cpu ...i4` strategies hold them (layout: engine/formats/quantized.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelLoadError
+from engine.formats import quantized
 from engine.formats.hf import (
     TokenizerData,
     fla_name,
@@ -44,6 +46,8 @@ from engine.formats.checkpoint import (
 
 FORMATS = ("pth", "safetensors", "hf", "gguf", "tokenizer")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+QUANT_DTYPES = tuple(quantized.KINDS)                  # i8, i4: quantized safetensors
+ALL_DTYPES = (*DTYPES, "q8_0", *QUANT_DTYPES)
 PROGRESS_MIN_BYTES = 64 << 20          # show a progress bar for outputs larger than this
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
@@ -56,6 +60,7 @@ class Source:
         self.path = Path(path)
         raw = open_checkpoint(self.path)
         self.kind, self._gguf, self._raw_get = raw.kind, raw.gguf, raw.get
+        self.quantized = raw.quantized               # "i8" | "i4" for a quantized safetensors: get() dequantizes
         check_variant(raw.meta, self.path)
         if "emb.weight" in raw.meta:
             meta, self._index = dict(raw.meta), {k: k for k in raw.meta}
@@ -78,6 +83,8 @@ class Source:
             t = self._raw_get(raw_key)
             if raw_key != name:
                 t = to_blinkdl_names({raw_key: t}, self.path)[name]
+        if not isinstance(t, torch.Tensor):              # a quantized file's matrix: back to float
+            t = t.dequantize(torch.float32)
         shape = self.meta[name].shape
         return t.reshape(shape) if t.shape != shape else t
 
@@ -91,14 +98,15 @@ class Source:
 
 # ----------------------------------------------------------------------------------------------- writers
 def write_safetensors(path: Path, entries: list[tuple[str, tuple, torch.dtype]], produce: Callable[[str], torch.Tensor],
-                      progress: Callable[[int], None] | None = None) -> None:
-    """Stream a safetensors file: header from the planned shapes, then each tensor's bytes as it is produced."""
+                      progress: Callable[[int], None] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Stream a safetensors file: header from the planned shapes, then each tensor's bytes as it is produced
+    (in the order of entries)."""
     header, offset = {}, 0
     for name, shape, dtype in entries:
         n = _numel(shape) * _itemsize(dtype)
         header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-    header["__metadata__"] = {"format": "pt"}
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
@@ -162,10 +170,14 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     fmt = output_format(dst, to)
     if fmt not in FORMATS:
         raise ModelLoadError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if dtype is not None and dtype not in (*DTYPES, "q8_0"):
-        raise ModelLoadError(f"unknown --dtype {dtype!r}; choose fp32, fp16, bf16 or q8_0")
+    if dtype is not None and dtype not in ALL_DTYPES:
+        raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(ALL_DTYPES)}")
     if dtype == "q8_0" and fmt != "gguf":
-        raise ModelLoadError("--dtype q8_0 is a GGUF file type; other formats take fp32, fp16 or bf16")
+        raise ModelLoadError("--dtype q8_0 is a GGUF file type; other formats take fp32, fp16 or bf16 "
+                             "(and .safetensors also i8 or i4)")
+    if dtype in QUANT_DTYPES and fmt != "safetensors":
+        raise ModelLoadError(f"--dtype {dtype} writes a quantized .safetensors file, not {fmt}; "
+                             f"for GGUF use --dtype q8_0")
     if dtype is not None and fmt == "tokenizer":
         raise ModelLoadError("--dtype does not apply to --to tokenizer")
     if not src.exists():
@@ -179,6 +191,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
 
     source = Source(src)
     cfg = source.config
+    if dtype in QUANT_DTYPES and source.quantized:
+        raise ModelLoadError(f"{src}: is already quantized ({source.quantized}); quantize the float checkpoint "
+                             f"instead of quantizing twice")
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     bar = None
     try:
@@ -205,7 +220,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                                  progress=bar.update if bar else None)
             detail = f"GGUF {ftype.name}, {len(tensors)} tensors"
         else:
-            want = DTYPES.get(dtype) if dtype else None
+            want = DTYPES.get(dtype) if dtype in DTYPES else None
             out_dtype = lambda name: want or source.meta[name].dtype
             total = sum(_numel(source.meta[n].shape) * _itemsize(out_dtype(n)) for n in source.names)
             bar = _bar(total, dst, progress)
@@ -214,6 +229,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                 sd = {n: source.get(n).to(out_dtype(n)).contiguous() for n in source.names}
                 torch.save(sd, tmp)
                 detail = f"{len(sd)} tensors"
+            elif fmt == "safetensors" and dtype in QUANT_DTYPES:
+                detail = quantized.write_file(tmp, source.names, source.meta, source.get, dtype, bar)
             elif fmt == "safetensors":
                 write_safetensors(tmp, [(n, tuple(source.meta[n].shape), out_dtype(n)) for n in source.names],
                                   source.get, update)
@@ -322,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("src", help="a .pth, .safetensors, .gguf, or Hugging Face directory")
     ap.add_argument("dst", help="the output file or directory")
     ap.add_argument("--to", choices=FORMATS, help="output format (default: from DST's suffix; none = hf directory)")
-    ap.add_argument("--dtype", choices=(*DTYPES, "q8_0"),
-                    help="weights dtype (default: as stored); GGUF: the file type of the matrices (also q8_0)")
+    ap.add_argument("--dtype", choices=ALL_DTYPES,
+                    help="weights dtype (default: as stored); GGUF: the file type of the matrices (also q8_0); "
+                         ".safetensors: also i8 or i4, the big matrices quantized as the cpu ...i8 / ...i4 "
+                         "strategies hold them")
     ap.add_argument("--tokenizer", help="'world', 'none', or a tokenizer file/directory to embed in GGUF or write "
                     "into an HF directory (default: the source's own, else World for 65536-row vocabularies)")
     ap.add_argument("--force", action="store_true", help="overwrite DST if it exists")

@@ -59,3 +59,25 @@ def _glibc(name: str):
         return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
+
+
+MADV_PAGEOUT = 21                   # Linux >= 5.4: reclaim these pages now; their contents are always kept
+
+
+def release_pages(t) -> bool:
+    """Ask the kernel to reclaim the memory pages wholly inside CPU tensor ``t``, once this process no longer
+    reads it: a memory-mapped checkpoint's float matrix after it is quantized at load. Its pages are otherwise
+    resident until the whole mapping is released at the end of loading, so a 2.9B bf16 checkpoint loaded as
+    `cpu bf16i8` peaked at its 5.7 GB file plus the 3 GB model. MADV_PAGEOUT never loses data: file-backed pages
+    are read again if touched, and anonymous ones stay where there is no swap; elsewhere this does nothing."""
+    madvise = _glibc("madvise")
+    if madvise is None or t.device.type != "cpu" or not t.numel():
+        return False
+    import mmap
+    start = t.data_ptr()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first:
+        return False
+    madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return madvise(first, last - first, MADV_PAGEOUT) == 0

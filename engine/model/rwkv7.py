@@ -11,13 +11,14 @@ import kernels
 from kernels import native, native_decode
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.model.allocator import release_free_memory
+from engine.model.allocator import release_free_memory, release_pages
 from engine.model.layers import LayerWeights, Lora, owned, prepare_layer
 from engine.model.linear import select_linear
 from engine.model import quant
 from engine.model.state import RNNState
 from engine.model.strategy import Strategy, parse_strategy, prepare_device
 from engine.formats.checkpoint import load_weights, weights_identity
+from engine.formats.quantized import for_strategy
 
 LOG_DECAY_SCALE = -0.6065306597126334   # -exp(-0.5): log-decay = LOG_DECAY_SCALE * sigmoid(z), in [-0.607, 0)
 LN_EPS = 1e-5
@@ -58,8 +59,12 @@ class RWKV7:
             return owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
 
         def mat(key: str):                                  # quantized in fp32 by chunks of rows
+            if not isinstance(sd[key], torch.Tensor):       # stored quantized (engine/formats/quantized.py)
+                return sd[key]
             if quant.family(key) in quantized:
-                return proj.prepare(sd[key])
+                prepared = proj.prepare(sd[key])
+                release_pages(sd[key])                      # the float matrix is not read again (allocator.py)
+                return prepared
             return pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
@@ -330,6 +335,7 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
         raise ModelLoadError(str(exc)) from None
     _native_mode()                                      # a bad GOOSE_NATIVE_KERNELS fails before the weights load
     sd, config = load_weights(path)
+    sd = for_strategy(sd, strat.quant, strat.dtype, path)   # a quantized file: its codes, dequantized, or refused
     model = RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear,
                   native_kernels=native_kernels)
     del sd
