@@ -98,8 +98,9 @@ class RWKV7:
 
         def mat(key: str):                                  # quantized in fp32 by chunks of rows
             if quant.family(key) in quantized:
-                return proj.prepare(sd[key])
-            return pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())
+                return proj.prepare(sd[key])                # a GGUF Q8_0/Q4_0 matrix is kept as it is
+            w = sd[key].dequantize() if quant.kind_of(sd[key]) else sd[key]
+            return pack(w.to(device=self.device, dtype=self.dtype).contiguous())
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
             plain = _owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
@@ -333,7 +334,7 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     _native_mode()                                      # a bad GOOSE_NATIVE_KERNELS fails before the weights load
-    sd, config = load_weights(path)
+    sd, config = load_weights(path, strat.quant)        # a GGUF's Q8_0/Q4_0 stay quantized under i8/i4
     model = RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear,
                   native_kernels=native_kernels)
     del sd
