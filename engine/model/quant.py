@@ -18,14 +18,19 @@ rounding of fp32 rows to bf16) and accumulate in fp32: each block of 32 codes is
 and used for up to four rows of x before the next is read. For more than DENSE_ROWS rows the weight is instead
 dequantized natively (multithreaded) into a float matrix per call and multiplied by the float product (oneDNN for
 fp32; for bf16 rows the same fp32 product on widened rows, since this machine's bf16 matmul is slow). Measured on
-the 0.1B and 1.5B shapes (2 threads, a shared and busy 2-core AMD EPYC, so only ratios count): the native product
-beats torch's ``_weight_int8pack_mm``/``_weight_int4pack_mm_for_cpu`` (which need bf16 rows) at M = 1 and 4 and
-is close to them at 16; against dequantizing per call it wins 2-15x at M = 8-32 and is about even at 64 (ahead on
-the big 1.5B and head matrices, behind on 768 x 768), and from 128 rows the dequantized fp32 GEMM wins (1.3-2.5x
-at M = 1024, prefill). For bf16 rows the dense path widens them to fp32: torch's bf16 matmul on a dequantized bf16
-weight was 2-6x slower than oneDNN's fp32 one on this CPU (no AVX-512 BF16). `goose bench linear` prints the
-per-shape table (README, "Quantized weights").
-Without the native library (no compiler,
+the 0.1B and 1.5B shapes (`goose bench linear --threads 1 --cpu-clock`, a shared 2-core AMD EPYC with AVX2; fastest
+of N by thread CPU time, 2026-12-03; the command prints the whole table):
+- M = 1 (single-stream decode): int8 native 0.3-0.7x the float product's time and 0.6-1.3x torch's
+  ``_weight_int8pack_mm`` (which needs bf16 rows); int4 native 0.45-1.4x float and 0.7-1.3x torch's
+  ``_weight_int4pack_mm_for_cpu``: about even, and it keeps one layout for GGUF Q4_0 and fp32 rows. Dequantizing per
+  call is 10-40x slower here.
+- M = 4: int8 native 0.5-0.8x float (fp32) / 0.25-0.3x (bf16), 0.6-1.6x torch's; int4 native about even with
+  torch's.
+- M = 64 (batched decode): native and dequantized-per-call are within ~10% on the 0.1B matrices, native 1.4-2x
+  faster on the 1.5B ones and the head; so DENSE_ROWS = 64 keeps B <= 64 native.
+- M = 1024 (prefill): the dequantized fp32 GEMM is 1.5-2x faster than native and within 5-30% of the float product.
+For bf16 rows the dense path widens them to fp32: torch's bf16 matmul on a dequantized bf16 weight was 2-6x slower
+than oneDNN's fp32 one on this CPU (no AVX-512 BF16). Without the native library (no compiler,
 GOOSE_NATIVE_KERNELS=0) every product goes through the dequantized float path (correct, slower at few rows).
 """
 from __future__ import annotations
