@@ -84,6 +84,15 @@ class _Lib:
         self.gemv = lib.goose_gemv
         lib.goose_max_gemv_rows.restype = i64
         self.max_gemv_rows = lib.goose_max_gemv_rows()
+        # quantized products (csrc/quant_cpu.cpp, called through kernels/quant_native.py)
+        lib.goose_quant_matmul.argtypes = [i64, i64, i64, ctypes.c_int, i64, ptr, ctypes.c_int, i64, ptr, i64,
+                                           ptr, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64]
+        lib.goose_quant_matmul.restype = ctypes.c_int
+        self.quant_matmul = lib.goose_quant_matmul
+        lib.goose_quant_dequantize.argtypes = [i64, i64, ctypes.c_int, i64, ptr, i64, ptr, ptr, ctypes.c_int, i64,
+                                               ptr, ctypes.c_int, i64]
+        lib.goose_quant_dequantize.restype = None
+        self.quant_dequantize = lib.goose_quant_dequantize
         self._handle = lib
 
 
@@ -215,6 +224,20 @@ def _self_test(lib: _Lib) -> None:
     lib.apply_token_mask(1, 70, logits.data_ptr(), 70, rows.data_ptr(), bits.data_ptr(), 3)
     if not (torch.isfinite(logits[1]).nonzero().flatten().tolist() == [*range(31), 64] and bool(logits[0].eq(0).all())):
         raise NativeUnavailable(f"{lib.path} gives wrong results (token mask)")
+    _self_test_quant(lib, g)
+
+
+def _self_test_quant(lib: _Lib, g: torch.Generator) -> None:
+    """The quantized product (int8, group 32, fp16 scales; 3 rows x 40 columns, so the vector body and the scalar
+    tail both run) against the float product of its dequantized weight."""
+    codes = torch.randint(-127, 128, (5, 40), generator=g, dtype=torch.int8)
+    scales = torch.rand(5, 2, generator=g).half()
+    x, y = torch.randn(3, 40, generator=g), torch.empty(3, 5)
+    lib.quant_matmul(3, 5, 40, 8, 32, x.data_ptr(), 0, 40, codes.data_ptr(), 40, scales.data_ptr(), None, 2, 2,
+                     y.data_ptr(), 0, 5)
+    want = x @ (codes.float() * scales.float().repeat_interleave(32, 1)[:, :40]).t()
+    if not torch.allclose(y, want, rtol=1e-4, atol=1e-3):
+        raise NativeUnavailable(f"{lib.path} gives wrong results (quantized product)")
 
 
 def _self_test_decode(lib: _Lib, g: torch.Generator) -> None:

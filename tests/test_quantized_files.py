@@ -54,21 +54,21 @@ def test_int8_layout_is_plain(src, tmp_path):
     stored, float_sd = load_file(path), torch.load(src, weights_only=True)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta["goose.format"] == "rwkv7-quantized" and meta["goose.format_version"] == "1"
+    assert meta["goose.format"] == "rwkv7-quantized" and meta["goose.format_version"] == "2"
     assert meta["goose.quantization"] == "int8" and "goose.group_size" not in meta
     for name in MATRICES:
         w = float_sd[name]
         q, scale = stored[name], stored[name + "_scale"]
         assert q.dtype == torch.int8 and tuple(q.shape) == tuple(w.shape) and int(q.abs().max()) <= 127
-        assert scale.dtype == torch.bfloat16 and tuple(scale.shape) == (w.shape[0],)
-        deq = q.float() * scale.float()[:, None]
+        assert scale.dtype == torch.float32 and tuple(scale.shape) == (w.shape[0], 1)     # one scale per row
+        deq = q.float() * scale
         assert torch.equal(deq, quant.quantize_int8(w).dequantize())
         assert rel_err(deq, w) < 0.01
     for name in ("emb.weight", "blocks.0.att.w1", "blocks.1.att.x_r", "ln_out.weight"):
         assert torch.equal(stored[name], float_sd[name])         # the rest as stored
 
 
-def test_int4_layout_is_plain_nibbles(src, tmp_path):
+def test_int4_layout_is_ggml_nibble_order(src, tmp_path):
     path = convert_to(src, tmp_path / "q4.safetensors", "i4")
     stored, float_sd = load_file(path), torch.load(src, weights_only=True)
     with safe_open(str(path), "pt") as f:
@@ -79,15 +79,16 @@ def test_int4_layout_is_plain_nibbles(src, tmp_path):
     for name in MATRICES:
         w = float_sd[name]
         N, K = w.shape
-        Kp = -(-K // G) * G
-        assert in_features.get(name, Kp) == K
+        K32 = -(-K // 32) * 32
+        assert in_features.get(name, K32) == K
         packed, scale, zero = stored[name], stored[name + "_scale"], stored[name + "_zero"]
-        assert packed.dtype == torch.uint8 and tuple(packed.shape) == (N, Kp // 2)
-        assert tuple(scale.shape) == tuple(zero.shape) == (N, Kp // G) and scale.dtype == zero.dtype == torch.bfloat16
-        codes = torch.empty(N, Kp, dtype=torch.uint8)
-        codes[:, 0::2], codes[:, 1::2] = packed & 15, packed >> 4            # column 2j low nibble, 2j + 1 high
-        deq = ((codes.float().view(N, Kp // G, G) - 8) * scale.float()[..., None] + zero.float()[..., None])
-        deq = deq.reshape(N, Kp)[:, :K]
+        groups = -(-K // G)
+        assert packed.dtype == torch.uint8 and tuple(packed.shape) == (N, K32 // 2)
+        assert tuple(scale.shape) == tuple(zero.shape) == (N, groups) and scale.dtype == zero.dtype == torch.bfloat16
+        blocks = packed.view(N, K32 // 32, 16)          # per 32 columns: j in the low nibble of byte j, j + 16 high
+        codes = torch.cat((blocks & 15, blocks >> 4), dim=2).reshape(N, K32)[:, :K].float()
+        expand = lambda t: t.float().repeat_interleave(G, 1)[:, :K]  # noqa: E731
+        deq = (codes - 8) * expand(scale) + expand(zero)
         assert torch.equal(deq, quant.quantize_int4(w, G).dequantize())
         assert rel_err(deq, w) < 0.15
 
@@ -129,8 +130,9 @@ def _rewrite(path, out, edit):
     ("i8", "missing_scale", r"bad\.safetensors: quantized tensor 'blocks\.1\.att\.key\.weight' has no "
                             r"'blocks\.1\.att\.key\.weight_scale'"),
     ("i4", "missing_zero", r"bad\.safetensors: quantized tensor 'head\.weight' has no 'head\.weight_zero'"),
-    ("i8", "scale_shape", r"bad\.safetensors: tensor 'head\.weight_scale' is .*expected a float tensor of shape"),
-    ("i4", "codes_shape", r"bad\.safetensors: tensor 'blocks\.0\.ffn\.key\.weight' has shape"),
+    ("i8", "scale_shape", r"bad\.safetensors: tensor 'head\.weight_scale' is .*expected a float32, bfloat16 or "
+                          r"float16 tensor of shape"),
+    ("i4", "codes_shape", r"bad\.safetensors: tensor 'blocks\.0\.ffn\.key\.weight_scale' is .*expected"),
     ("i8", "version", r"bad\.safetensors: quantized file format 'rwkv7-quantized' version '9' is not supported"),
     ("i8", "kind", r"bad\.safetensors: unknown goose\.quantization 'int3'"),
     ("i4", "group", r"bad\.safetensors: int4 group size 48 is not a positive multiple of 32"),
@@ -149,10 +151,8 @@ def test_bad_quantized_files_are_refused_naming_file_and_tensor(tmp_path, kind, 
             del sd["head.weight_zero"]
         elif case == "scale_shape":
             sd["head.weight_scale"] = sd["head.weight_scale"][:-1].clone()
-        elif case == "codes_shape":       # a whole group of columns too few: the scales no longer cover it
-            sd["blocks.0.ffn.key.weight"] = sd["blocks.0.ffn.key.weight"][:, :-32].clone()
-            sd["blocks.0.ffn.key.weight_scale"] = sd["blocks.0.ffn.key.weight_scale"][:, :-1].clone()
-            sd["blocks.0.ffn.key.weight_zero"] = sd["blocks.0.ffn.key.weight_zero"][:, :-1].clone()
+        elif case == "codes_shape":       # whole groups of columns too few: the scales no longer match the codes
+            sd["blocks.0.ffn.key.weight"] = sd["blocks.0.ffn.key.weight"][:, :-64].clone()
         elif case == "version":
             meta["goose.format_version"] = "9"
         elif case == "kind":
@@ -182,7 +182,7 @@ def test_quantized_file_is_smaller_and_loads_without_float_matrices(tmp_path):
     src = tmp_path / "src.safetensors"
     write_checkpoint(src, SHAPES["c256-plain"], seed=3, dtype=torch.bfloat16)
     sizes = {kind: convert_to(src, tmp_path / f"q{kind}.safetensors", kind).stat().st_size for kind in ("i8", "i4")}
-    assert sizes["i4"] < sizes["i8"] < 0.6 * src.stat().st_size
+    assert sizes["i4"] < sizes["i8"] < 0.65 * src.stat().st_size     # a tiny model: float emb and LoRA weigh
     model = load_model(tmp_path / "qi4.safetensors", "cpu bf16i4")
     assert isinstance(model.head, quant.Int4Weight)
     assert all(isinstance(w, quant.Int4Weight) for lw in model.layers

@@ -13,6 +13,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.model.quant import kind_of
 
 SUPPORTED = ("RWKV-7 x070 checkpoints: a BlinkDL .pth or .safetensors, a fla-hub Hugging Face "
              "directory (config.json + safetensors) or its safetensors file, or a GGUF file (arch rwkv7)")
@@ -37,8 +38,10 @@ class RawCheckpoint(NamedTuple):
                                                     # whose get() returns Int8Weight / Int4Weight for its matrices
 
 
-def open_checkpoint(path: str | Path) -> RawCheckpoint:
-    """The one place a checkpoint's format is recognised (.pth/.pt, .safetensors, .gguf, an HF directory)."""
+def open_checkpoint(path: str | Path, quant: str | None = None) -> RawCheckpoint:
+    """The one place a checkpoint's format is recognised (.pth/.pt, .safetensors, .gguf, an HF directory).
+    ``quant``: the strategy's quantization ("i8"/"i4"), under which a GGUF's Q8_0/Q4_0 matrices stay quantized
+    (engine/formats/gguf.py GGUFCheckpoint)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
@@ -59,7 +62,7 @@ def open_checkpoint(path: str | Path) -> RawCheckpoint:
         return RawCheckpoint("safetensors", meta, get)
     if path.suffix == ".gguf":
         from engine.formats.gguf import GGUFCheckpoint
-        ck = GGUFCheckpoint(path)
+        ck = GGUFCheckpoint(path, quant)
         return RawCheckpoint("gguf", dict(ck.meta), ck.get, ck)
     raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; supported: {SUPPORTED}")
 
@@ -144,9 +147,10 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read any supported file or directory into a dict of tensors in BlinkDL naming and shapes."""
-    raw = open_checkpoint(path)
+def read_checkpoint(path: str | Path, quant: str | None = None) -> dict[str, torch.Tensor]:
+    """Read any supported file or directory into a dict of tensors in BlinkDL naming and shapes (with ``quant``,
+    a GGUF's matching quantized matrices as engine/model/quant.py weights)."""
+    raw = open_checkpoint(path, quant)
     sd = {key: raw.get(key) for key in raw.meta}
     check_variant(sd, path)
     return to_blinkdl_names(sd, path)
@@ -307,7 +311,7 @@ def validate(sd: dict, cfg: ModelConfig, where) -> dict[str, torch.Tensor]:
             else:
                 raise ModelLoadError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}, "
                                      f"expected {list(shape)} for a model with {_describe(cfg)}")
-        if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():   # else stored quantized
+        if kind_of(tensor) is None and not tensor.is_floating_point():
             raise ModelLoadError(f"{where}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
         out[key] = tensor
     extra = sorted(set(sd) - set(want))
@@ -321,9 +325,9 @@ def _describe(cfg: ModelConfig) -> str:
     return (f"L={cfg.n_layer} C={cfg.n_embd} H={cfg.n_head} N={cfg.head_size} F={cfg.dim_ffn} V={cfg.vocab_size}")
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Read, check and describe a checkpoint: (BlinkDL-named tensors, ModelConfig)."""
-    sd = read_checkpoint(path)
+def load_weights(path: str | Path, quant: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Read, check and describe a checkpoint: (BlinkDL-named tensors, ModelConfig); ``quant`` as in read_checkpoint."""
+    sd = read_checkpoint(path, quant)
     cfg = infer_config(sd, path)
     return validate(sd, cfg, path), cfg
 
@@ -339,18 +343,24 @@ def weights_identity(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
     import hashlib
     h = hashlib.sha256(repr(sorted(dataclasses.asdict(cfg).items())).encode())
     for name in sorted(sd):
-        weight = sd[name]          # a tensor, or a quantized weight (engine/model/quant.py): its codes and scales
-        parts = [weight] if isinstance(weight, torch.Tensor) else \
-            [v for v in vars(weight).values() if isinstance(v, torch.Tensor)]
-        for t in parts:
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            flat = (t.detach().reshape(-1).contiguous().view(torch.uint8) if t.numel()
-                    else torch.empty(0, dtype=torch.uint8))
-            n, piece = flat.numel(), 4096
-            if n <= piece * IDENTITY_SAMPLES:
-                h.update(flat.cpu().numpy().tobytes())          # weights drawn on a GPU (bench/gpu.py) come back
-                continue
-            for k in range(IDENTITY_SAMPLES):
-                start = (n - piece) * k // (IDENTITY_SAMPLES - 1)
-                h.update(flat[start:start + piece].cpu().numpy().tobytes())
+        t = sd[name]
+        if kind_of(t) is not None:                      # a quantized matrix: its codes, then its scales
+            h.update(f"{name}:{kind_of(t)}:{tuple(t.shape)}:{t.group}".encode())
+            _hash_samples(h, t.codes)
+            _hash_samples(h, t.scales)
+            continue
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        _hash_samples(h, t)
     return h.hexdigest()
+
+
+def _hash_samples(h, t: torch.Tensor) -> None:
+    """The tensor's bytes into h: whole when small, else IDENTITY_SAMPLES evenly spaced 4 KiB pieces."""
+    flat = t.detach().reshape(-1).contiguous().view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    n, piece = flat.numel(), 4096
+    if n <= piece * IDENTITY_SAMPLES:
+        h.update(flat.numpy().tobytes())
+        return
+    for k in range(IDENTITY_SAMPLES):
+        start = (n - piece) * k // (IDENTITY_SAMPLES - 1)
+        h.update(flat[start:start + piece].numpy().tobytes())

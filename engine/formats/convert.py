@@ -1,6 +1,6 @@
 """`goose convert SRC DST`: move an RWKV-7 model between .pth, .safetensors, a Hugging Face (fla-hub) directory and GGUF.
 
-    goose convert SRC DST [--to pth|safetensors|hf|gguf|tokenizer] [--dtype fp32|fp16|bf16|q8_0|i8|i4]
+    goose convert SRC DST [--to pth|safetensors|hf|gguf|tokenizer] [--dtype fp32|fp16|bf16|q8_0|q4_0|i8|i4]
                           [--tokenizer world|none|PATH] [--force] [--quiet]
 
 The output format comes from DST when --to is omitted: .pth/.pt, .safetensors, .gguf, a .json/.txt tokenizer file,
@@ -46,8 +46,9 @@ from engine.formats.checkpoint import (
 
 FORMATS = ("pth", "safetensors", "hf", "gguf", "tokenizer")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GGUF_QUANT = ("q8_0", "q4_0")      # GGUF-only file types (matrices whose rows are not a multiple of 32 stay F16)
 QUANT_DTYPES = tuple(quantized.KINDS)                  # i8, i4: quantized safetensors
-ALL_DTYPES = (*DTYPES, "q8_0", *QUANT_DTYPES)
+ALL_DTYPES = (*DTYPES, *GGUF_QUANT, *QUANT_DTYPES)
 PROGRESS_MIN_BYTES = 64 << 20          # show a progress bar for outputs larger than this
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
@@ -172,12 +173,12 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         raise ModelLoadError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in ALL_DTYPES:
         raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(ALL_DTYPES)}")
-    if dtype == "q8_0" and fmt != "gguf":
-        raise ModelLoadError("--dtype q8_0 is a GGUF file type; other formats take fp32, fp16 or bf16 "
+    if dtype in GGUF_QUANT and fmt != "gguf":
+        raise ModelLoadError(f"--dtype {dtype} is a GGUF file type; other formats take fp32, fp16 or bf16 "
                              "(and .safetensors also i8 or i4)")
     if dtype in QUANT_DTYPES and fmt != "safetensors":
         raise ModelLoadError(f"--dtype {dtype} writes a quantized .safetensors file, not {fmt}; "
-                             f"for GGUF use --dtype q8_0")
+                             f"for GGUF use --dtype q8_0 or q4_0")
     if dtype is not None and fmt == "tokenizer":
         raise ModelLoadError("--dtype does not apply to --to tokenizer")
     if not src.exists():
@@ -210,7 +211,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             if dtype is None:
                 ftype = {torch.float16: Q.F16, torch.bfloat16: Q.BF16}.get(source.meta["emb.weight"].dtype, Q.F32)
             else:
-                ftype = {"fp32": Q.F32, "fp16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+                ftype = {"fp32": Q.F32, "fp16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[dtype]
             tok = tokenizer_data_from_spec(tokenizer) if tokenizer is not None else _default_tokenizer(source, note)
             if (warning := bpe_pretokenizer_note(tok)) is not None:
                 note(warning)
@@ -340,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dst", help="the output file or directory")
     ap.add_argument("--to", choices=FORMATS, help="output format (default: from DST's suffix; none = hf directory)")
     ap.add_argument("--dtype", choices=ALL_DTYPES,
-                    help="weights dtype (default: as stored); GGUF: the file type of the matrices (also q8_0); "
-                         ".safetensors: also i8 or i4, the big matrices quantized as the cpu ...i8 / ...i4 "
+                    help="weights dtype (default: as stored); GGUF: the file type of the matrices (also q8_0, "
+                         "q4_0); .safetensors: also i8 or i4, the big matrices quantized as the cpu ...i8 / ...i4 "
                          "strategies hold them")
     ap.add_argument("--tokenizer", help="'world', 'none', or a tokenizer file/directory to embed in GGUF or write "
                     "into an HF directory (default: the source's own, else World for 65536-row vocabularies)")

@@ -17,6 +17,7 @@ import torch
 
 from engine.errors import ModelLoadError
 from engine.formats.hf import TokenizerData
+from engine.model.quant import Int4Weight, Int8Weight, quantizable
 
 ARCH = "rwkv7"
 
@@ -195,12 +196,30 @@ for _x in "wavg":
             _LAYER[f"time_mix_{_x}{_j}.weight"] = (f"att.{_x}{_j}", _how)
 
 
-class GGUFCheckpoint:
-    """A GGUF rwkv7 file opened lazily (memory-mapped): BlinkDL names, meta tensors, and one tensor at a time."""
+# what Goose reads, and which quantized type each quantized strategy keeps as it is (engine/model/quant.py)
+LOADABLE_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0")
+KEPT_TYPE = {"i8": "Q8_0", "i4": "Q4_0"}
+_STRATEGIES = {"i8": "'cpu fp32i8' or 'cpu bf16i8'", "i4": "'cpu fp32i4' or 'cpu bf16i4'"}
 
-    def __init__(self, path: str | Path):
+
+class GGUFCheckpoint:
+    """A GGUF rwkv7 file opened lazily (memory-mapped): BlinkDL names, meta tensors, and one tensor at a time.
+
+    ``quant`` ("i8", "i4" or None): the strategy's quantization. With "i8", the Q8_0 matrices a quantized strategy
+    quantizes (quant.quantizable) come back from get() as Int8Weight over the file's own codes and fp16 scales (a
+    byte copy, no float copy, no requantization); with "i4" the Q4_0 ones as Int4Weight. Every other tensor, and
+    every tensor without ``quant``, comes back as float (quantized types expanded: a float strategy asked for float).
+    A Q4_0 matrix under "i8" or a Q8_0 one under "i4" is refused (re-quantizing would compound two roundings), and
+    so is any tensor type outside LOADABLE_TYPES, naming the file and tensor."""
+
+    def __init__(self, path: str | Path, quant: str | None = None):
         self.path = Path(path)
         self.reader = GGUFFile(self.path)
+        for t in self.reader.tensors:
+            if t.tensor_type.name not in LOADABLE_TYPES:
+                raise ModelLoadError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, which Goose "
+                                     f"does not load; supported tensor types: {', '.join(LOADABLE_TYPES)} (convert "
+                                     f"the model again, e.g. goose convert SRC model.gguf --dtype q8_0)")
         arch = self.field("general.architecture")
         if arch != ARCH:
             raise ModelLoadError(f"{self.path}: general.architecture is {arch!r}; only RWKV-7 GGUF files "
@@ -214,9 +233,19 @@ class GGUFCheckpoint:
         self.tensors = {t.name: t for t in self.reader.tensors}
         self._how: dict[str, tuple[str, object]] = {}
         self.meta: dict[str, torch.Tensor] = {}
+        self.kept: set[str] = set()          # keys get() returns quantized
         for gname, t in self.tensors.items():
             for key, how in self._map(gname):
                 self._how[key] = (gname, how)
+                if quant is not None and how is None and quantizable(key) and t.tensor_type.name in ("Q8_0", "Q4_0"):
+                    if t.tensor_type.name != KEPT_TYPE[quant]:
+                        other = next(k for k, v in KEPT_TYPE.items() if v == t.tensor_type.name)
+                        raise ModelLoadError(
+                            f"{self.path}: tensor {gname!r} is {t.tensor_type.name}, which an {quant} strategy does "
+                            f"not use; load this file with {_STRATEGIES[other]} (kept as stored) or a float "
+                            f"strategy such as 'cpu fp32' (expanded), or convert the source model again with "
+                            f"--dtype {KEPT_TYPE[quant].lower()}")
+                    self.kept.add(key)
                 np_shape = tuple(int(d) for d in reversed(t.shape))
                 self.meta[key] = self._transform(torch.empty(np_shape, device="meta", dtype=self._dtype(t)), how)
 
@@ -280,7 +309,21 @@ class GGUFCheckpoint:
 
     def get(self, key: str) -> torch.Tensor:
         gname, how = self._how[key]
+        if key in self.kept:
+            return self.quantized(gname)
         return self._transform(self.raw(gname), how).contiguous()
+
+    def quantized(self, gname: str):
+        """A Q8_0 / Q4_0 matrix as Int8Weight / Int4Weight over the file's own codes and fp16 scales: one copy of
+        the bytes out of the memory map (split into codes and scales), never a float copy."""
+        t = self.tensors[gname]
+        N, K = (int(d) for d in reversed(t.shape))
+        blocks = t.data.reshape(N, K // 32, -1)                                  # [N, blocks, 34 or 18] bytes
+        scales = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(N, K // 32))
+        codes = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).reshape(N, -1))
+        if t.tensor_type.name == "Q8_0":
+            return Int8Weight(codes.view(torch.int8), scales, 32)
+        return Int4Weight(codes, scales, None, 32, K)
 
     # ------------------------------------------------------------------------------------------- tokenizer
     def tokenizer(self) -> TokenizerData | None:

@@ -81,7 +81,9 @@ def tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], Callable[[
 
 def tensor_qtype(name: str, shape: tuple[int, ...], ftype):
     """llama.cpp's dtype policy (conversion/base.py prepare_tensors): 1-D, norms, biases, w1/w2 and the fused lerp stay
-    F32; other matrices take the file type; a row length that is not a multiple of the Q8_0 block falls back to F16."""
+    F32; other matrices take the file type; a row length that is not a multiple of the Q8_0/Q4_0 block (32) falls back
+    to F16. Q4_0 is ggml's layout (gguf.quants): per 32 weights an fp16 d and 16 bytes, weight j in the low nibble of
+    byte j and weight j + 16 in the high one, value (q - 8) * d."""
     gguf = require_gguf()
     Q = gguf.GGMLQuantizationType
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name.endswith(_FORCED_F32):
@@ -112,7 +114,8 @@ def _quantize(t: torch.Tensor, qtype) -> np.ndarray:
 def file_type_of(qtype) -> int:
     gguf = require_gguf()
     Q, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    return {Q.F32: FT.ALL_F32, Q.F16: FT.MOSTLY_F16, Q.BF16: FT.MOSTLY_BF16, Q.Q8_0: FT.MOSTLY_Q8_0}[qtype]
+    return {Q.F32: FT.ALL_F32, Q.F16: FT.MOSTLY_F16, Q.BF16: FT.MOSTLY_BF16, Q.Q8_0: FT.MOSTLY_Q8_0,
+            Q.Q4_0: FT.MOSTLY_Q4_0}[qtype]
 
 
 def write_gguf(path: str | Path, cfg: ModelConfig, get: Getter, *, ftype, tokenizer: TokenizerData | None,

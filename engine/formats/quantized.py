@@ -5,15 +5,17 @@ them (engine/formats/checkpoint.py), and load_model uses the stored codes as the
 quantization. The layout is plain and portable (it does not depend on torch's build-specific int4 packing):
 
 - metadata (the safetensors header's __metadata__, all strings): ``goose.format`` = ``rwkv7-quantized``,
-  ``goose.format_version`` = ``1``, ``goose.quantization`` = ``int8`` or ``int4``, ``goose.group_size`` (int4);
-  ``goose.in_features`` (int4, only when some matrix's K is not a multiple of the group): a JSON object
-  {tensor name: K}.
+  ``goose.format_version`` = ``2``, ``goose.quantization`` = ``int8`` or ``int4``, ``goose.group_size`` (int4,
+  and int8 when its scales are per group rather than per row); ``goose.in_features`` (only when some int4
+  matrix's K is not a multiple of 32): a JSON object {tensor name: K}.
 - int8, for a matrix ``X.weight`` [N, K]: ``X.weight`` int8 [N, K] (symmetric, |q| <= 127) and
-  ``X.weight_scale`` bf16 [N]: W[n, k] ~ q[n, k] * scale[n].
-- int4, groups of G input columns: ``X.weight`` uint8 [N, Kp / 2] with Kp = K rounded up to a multiple of G, two
-  codes per byte, column 2j in the low nibble and column 2j + 1 in the high one; ``X.weight_scale`` and
-  ``X.weight_zero`` bf16 [N, Kp / G]: W[n, k] ~ (q[n, k] - 8) * scale[n, k // G] + zero[n, k // G], q in 0..15.
-  Columns K..Kp-1 are padding and ignored.
+  ``X.weight_scale`` float32/bfloat16/float16 [N, ceil(K / G)] (G = K without a group size: one scale per row,
+  which is what Goose writes): W[n, k] ~ q[n, k] * scale[n, k // G].
+- int4, groups of G input columns (a multiple of 32): ``X.weight`` uint8 [N, ceil(K / 32) * 16], each 32 columns in
+  16 bytes in ggml's Q4_0 nibble order (column j of the block in the low nibble of byte j, column j + 16 in the high
+  one); ``X.weight_scale`` and ``X.weight_zero`` [N, ceil(K / G)] (bfloat16 as written):
+  W[n, k] ~ (q[n, k] - 8) * scale[n, k // G] + zero[n, k // G], q in 0..15. Columns past K are padding.
+  (Version 1, written for a few hours during development, packed int4 in another order and is refused.)
 
 Which matrices: the projections (receptance, key, value, output), the FFN (key, value) and the head, as far as
 engine/model/quant.py's QUANTIZED families go; every other tensor stays float, in the source's dtype.
@@ -26,20 +28,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from engine.errors import ModelLoadError
 from engine.model import quant                     # the one dependence on it: its public names, read at call time
 from engine.model.allocator import release_pages
 from engine.model.quant import Int4Weight, Int8Weight
 
-FORMAT, VERSION = "rwkv7-quantized", "1"
+FORMAT, VERSION = "rwkv7-quantized", "2"
 KINDS = {"i8": "int8", "i4": "int4"}                   # strategy suffix / --dtype -> goose.quantization
 STRATEGIES = {"int8": ("cpu fp32i8", "cpu bf16i8"), "int4": ("cpu fp32i4", "cpu bf16i4")}
 MATRIX = re.compile(r"^(head|blocks\.\d+\.(att\.(receptance|key|value|output)|ffn\.(key|value)))\.weight$")
-_INT4_ROWS = 32          # Int4Weight keeps N padded to a multiple of this (engine/model/quant.py's quantize_int4)
-_CHUNK = 2048            # rows converted at once (a multiple of _INT4_ROWS)
-_BF16 = torch.bfloat16
+_SCALES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def quantized_matrix(name: str) -> bool:
@@ -66,26 +65,20 @@ def plan(kind: str, name: str, shape: tuple[int, int]) -> list[tuple[str, tuple,
     """The file's entries for one quantized matrix [N, K]: (name, shape, dtype)."""
     N, K = shape
     if kind == "i8":
-        return [(name, (N, K), torch.int8), (name + "_scale", (N,), _BF16)]
-    G = group_size()
-    Kp = -(-K // G) * G
-    return [(name, (N, Kp // 2), torch.uint8), (name + "_scale", (N, Kp // G), _BF16),
-            (name + "_zero", (N, Kp // G), _BF16)]
+        return [(name, (N, K), torch.int8), (name + "_scale", (N, 1), torch.float32)]
+    groups = -(-K // group_size())
+    return [(name, (N, -(-K // 32) * 16), torch.uint8), (name + "_scale", (N, groups), torch.bfloat16),
+            (name + "_zero", (N, groups), torch.bfloat16)]
 
 
 def encode(kind: str, w: torch.Tensor) -> list[torch.Tensor]:
     """A float matrix [N, K] quantized exactly as the strategy quantizes it at load, in the file's layout (the
-    tensors plan() lists, in its order)."""
-    N, K = w.shape
+    tensors plan() lists, in its order): the in-memory form of engine/model/quant.py, as it is."""
     if kind == "i8":
         qw = quant.quantize_int8(w)
-        return [qw.q[:, :K].contiguous(), qw.scale]
+        return [qw.codes, qw.scales]
     qw = quant.quantize_int4(w, group_size())
-    Kp = -(-K // qw.group) * qw.group
-    codes = quant.unpack_int4(qw.packed)[:N, :Kp]                                      # [N, Kp] uint8, 0..15
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
-    sz = qw.scale_zero[:, :N].transpose(0, 1)                                   # [N, Kp / G, 2]
-    return [packed, sz[..., 0].contiguous(), sz[..., 1].contiguous()]
+    return [qw.codes, qw.scales, qw.zeros]
 
 
 def write_file(path: Path, names: list[str], meta: dict[str, torch.Tensor], get: Callable[[str], torch.Tensor],
@@ -93,14 +86,12 @@ def write_file(path: Path, names: list[str], meta: dict[str, torch.Tensor], get:
     """Stream a quantized safetensors file: the big matrices of get() (float, BlinkDL names) quantized as the
     `cpu ...{kind}` strategies quantize them, every other tensor as stored. bar: a tqdm bar or None."""
     from engine.formats.convert import write_safetensors
-    if kind == "i4":
-        check_int4_layout()
     entries, in_features = [], {}
     for n in names:
         shape = tuple(meta[n].shape)
         if quantized_matrix(n):
             entries += plan(kind, n, shape)
-            if shape[1] % group_size():
+            if kind == "i4" and shape[1] % 32:
                 in_features[n] = shape[1]
         else:
             entries.append((n, shape, meta[n].dtype))
@@ -122,17 +113,6 @@ def write_file(path: Path, names: list[str], meta: dict[str, torch.Tensor], get:
     return f"{n_mat} matrices {KINDS[kind]}, {len(names) - n_mat} tensors as stored"
 
 
-def check_int4_layout() -> None:
-    """Writing int4 reads the codes back from torch's packing (unpack_int4): refuse where that layout is not known.
-    (Reading needs no check: torch packs the plain codes itself.)"""
-    codes = torch.randint(0, 16, (64, 128), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    w = _int4_weight(codes[:, 0::2] | (codes[:, 1::2] << 4), torch.ones(64, 2, dtype=_BF16),
-                     torch.zeros(64, 2, dtype=_BF16), 128, 64)
-    if not torch.equal(quant.unpack_int4(w.packed)[:64].to(torch.uint8), codes):
-        raise ModelLoadError(f"this torch build ({torch.__version__}) packs int4 weights in a layout Goose does not "
-                             f"know, so int4 files cannot be written here (they can be read); use --dtype i8")
-
-
 # ----------------------------------------------------------------------------------------------- reading
 def open_quantized(path: Path, meta: dict[str, torch.Tensor], get: Callable[[str], torch.Tensor],
                    info: dict[str, str]) -> tuple[dict, Callable, str]:
@@ -148,14 +128,15 @@ def open_quantized(path: Path, meta: dict[str, torch.Tensor], get: Callable[[str
     if kind is None:
         raise ModelLoadError(f"{path}: unknown goose.quantization {qname!r}; expected one of {', '.join(STRATEGIES)}")
     group, in_features = 0, {}
-    if kind == "i4":
+    if kind == "i4" or "goose.group_size" in info:
         try:
             group = int(info.get("goose.group_size", ""))
             in_features = json.loads(info.get("goose.in_features", "{}"))
         except ValueError:
             raise ModelLoadError(f"{path}: unreadable goose.group_size or goose.in_features metadata") from None
-        if group <= 0 or group % 32:
-            raise ModelLoadError(f"{path}: int4 group size {group} is not a positive multiple of 32")
+        if group <= 0 or (kind == "i4" and group % 32):
+            raise ModelLoadError(f"{path}: {KINDS[kind]} group size {group} is not a positive "
+                                 f"{'multiple of 32' if kind == 'i4' else 'number'}")
     code_dtype = torch.int8 if kind == "i8" else torch.uint8
     float_dtype = meta["emb.weight"].dtype if "emb.weight" in meta else torch.float32
     out, matrices = {}, {}
@@ -176,56 +157,46 @@ def open_quantized(path: Path, meta: dict[str, torch.Tensor], get: Callable[[str
             raise ModelLoadError(f"{path}: quantized tensor {name!r} has shape {list(t.shape)}, expected 2 dimensions")
         N = t.shape[0]
         if kind == "i8":
-            K, want = t.shape[1], {"_scale": (N,)}
+            K = t.shape[1]
+            want = {"_scale": (N, -(-K // group) if group else 1)}
         else:
             Kp = 2 * t.shape[1]
             K = int(in_features.get(name, Kp))
-            if Kp % group or not Kp - group < K <= Kp:
-                raise ModelLoadError(f"{path}: int4 tensor {name!r} holds {Kp} columns, which is not a multiple "
-                                     f"of the group size {group} covering {K} input columns")
-            want = {"_scale": (N, Kp // group), "_zero": (N, Kp // group)}
+            if Kp % 32 or not Kp - 32 < K <= Kp:
+                raise ModelLoadError(f"{path}: int4 tensor {name!r} holds {Kp} columns (16 bytes per 32), which do "
+                                     f"not cover {K} input columns")
+            want = {"_scale": (N, -(-K // group)), "_zero": (N, -(-K // group))}
+        dtypes = set()
         for suffix, shape in want.items():
             companion = meta.get(name + suffix)
             if companion is None:
                 raise ModelLoadError(f"{path}: quantized tensor {name!r} has no {name + suffix!r}")
-            if tuple(companion.shape) != shape or not companion.is_floating_point():
+            if tuple(companion.shape) != shape or companion.dtype not in _SCALES:
                 raise ModelLoadError(f"{path}: tensor {name + suffix!r} is {companion.dtype} {list(companion.shape)}, "
-                                     f"expected a float tensor of shape {list(shape)} for {name!r}")
+                                     f"expected a float32, bfloat16 or float16 tensor of shape {list(shape)} for "
+                                     f"{name!r}")
+            dtypes.add(companion.dtype)
+        if len(dtypes) > 1:
+            raise ModelLoadError(f"{path}: the scales and zeros of {name!r} have different dtypes")
         out[name] = torch.empty((N, K), dtype=float_dtype, device="meta")
         matrices[name] = K
 
     def get_weight(name: str):
         if name not in matrices:
             return get(name)
+        codes = _owned_copy(get(name))           # copies: no view keeps the file mapped after loading
         if kind == "i8":
-            return _int8_weight(get(name), get(name + "_scale"), matrices[name])
-        return _int4_weight(get(name), get(name + "_scale"), get(name + "_zero"), matrices[name], group)
+            return Int8Weight(codes, _owned_copy(get(name + "_scale")), group or matrices[name])
+        return Int4Weight(codes, _owned_copy(get(name + "_scale")), _owned_copy(get(name + "_zero")), group,
+                          matrices[name])
     return out, get_weight, kind
 
 
-def _int8_weight(q: torch.Tensor, scale: torch.Tensor, k: int) -> Int8Weight:
-    # codes copied out of the file mapping (the mapping is released after loading); K padded to a multiple of 8 as
-    # the product needs (engine/model/quant.py)
-    codes = F.pad(q, (0, -k % 8)) if k % 8 else q.clone()
-    release_pages(q)
-    return Int8Weight(codes, scale.to(_BF16, copy=True), k)       # a copy: no view keeps the file mapped
-
-
-def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group: int) -> Int4Weight:
-    """Plain nibbles [N, Kp / 2] and [N, Kp / G] scales/zeros -> Int4Weight (torch's CPU packing, rows padded to
-    a multiple of 32 with code 8 and scale 0, so they read as zero)."""
-    N, Kp = packed.shape[0], 2 * packed.shape[1]
-    Np = -(-N // _INT4_ROWS) * _INT4_ROWS
-    pieces = []
-    for i in range(0, Np, _CHUNK):
-        rows = packed[i:i + _CHUNK]
-        codes = torch.stack((rows & 15, rows >> 4), dim=-1).view(rows.shape[0], Kp).to(torch.int32)
-        codes = F.pad(codes, (0, 0, 0, min(_CHUNK, Np - i) - rows.shape[0]), value=8)
-        pieces.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-    release_pages(packed)
-    sz = torch.stack((scale.to(_BF16), zero.to(_BF16)), dim=-1)                 # [N, Kp / G, 2]
-    sz = F.pad(sz, (0, 0, 0, 0, 0, Np - N)).transpose(0, 1).contiguous()        # [Kp / G, Np, 2]
-    return Int4Weight(torch.cat(pieces) if len(pieces) > 1 else pieces[0], sz, N, k, group)
+def _owned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t copied out of the file mapping, whose pages are then handed back (engine/model/allocator.py)."""
+    copy = t.clone()
+    release_pages(t)
+    return copy
 
 
 # ----------------------------------------------------------------------------------------------- loading

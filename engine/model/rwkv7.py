@@ -59,8 +59,8 @@ class RWKV7:
             return owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
 
         def mat(key: str):                                  # quantized in fp32 by chunks of rows
-            if not isinstance(sd[key], torch.Tensor):       # stored quantized (engine/formats/quantized.py)
-                return sd[key]
+            if quant.kind_of(sd[key]) is not None:          # stored quantized (a goose convert --dtype i8/i4 file, a
+                return sd[key]                              # GGUF's Q8_0/Q4_0): used as it is
             if quant.family(key) in quantized:
                 prepared = proj.prepare(sd[key])
                 release_pages(sd[key])                      # the float matrix is not read again (allocator.py)
@@ -334,7 +334,7 @@ def load_model(path: str | Path, strategy: str = "cpu fp32", *, wkv_backend: str
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     _native_mode()                                      # a bad GOOSE_NATIVE_KERNELS fails before the weights load
-    sd, config = load_weights(path)
+    sd, config = load_weights(path, strat.quant)        # a GGUF's Q8_0/Q4_0 stay quantized under i8/i4
     sd = for_strategy(sd, strat.quant, strat.dtype, path)   # a quantized file: its codes, dequantized, or refused
     model = RWKV7(sd, config, strat, wkv_backend=wkv_backend, name=Path(path).stem, linear_backend=linear,
                   native_kernels=native_kernels)
