@@ -141,28 +141,14 @@ def export_gguf(pth: str, dtype: str) -> str:
     return path
 
 
-QUANT_GGUF = {"i8": ("Q8_0", "goose convert --dtype q8_0"),
-              "i4": ("Q4_0", "llama.cpp's quantizer (llama_model_quantize) on the F32 GGUF")}
+QUANT_GGUF = {"i8": ("Q8_0", "goose convert --dtype q8_0"), "i4": ("Q4_0", "goose convert --dtype q4_0")}
 
 
 def export_quantized_gguf(pth: str, kind: str) -> str:
-    """The GGUF llama.cpp runs beside a quantized strategy: Q8_0 from goose convert for i8; Q4_0 for i4 made as
-    llama.cpp users make it, by llama.cpp's own quantizer from the F32 GGUF (its default recipe)."""
-    if kind == "i8":
-        return export_gguf(pth, "q8_0")
-    import ctypes
-
-    import llama_cpp
-    f32 = export_gguf(pth, "fp32")
-    path = pth.replace(".pth", "-q4_0.gguf")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.nthread = torch.get_num_threads()
-    rc = llama_cpp.llama_model_quantize(f32.encode(), path.encode(), ctypes.byref(params))
-    os.remove(f32)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {f32} -> {path}")
-    return path
+    """The GGUF llama.cpp runs beside a quantized strategy: the same checkpoint as Q8_0 (i8) or Q4_0 (i4), every
+    matrix in that type as the strategy quantizes every big matrix (llama.cpp's own quantizer would keep the
+    head in Q6_K)."""
+    return export_gguf(pth, "q8_0" if kind == "i8" else "q4_0")
 
 
 def gguf_bytes_per_token(path: str) -> tuple[int, str]:

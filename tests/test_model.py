@@ -175,21 +175,44 @@ def test_linear_backend_choice(tiny_pth, monkeypatch):
     if probe_onednn(torch.float32)[0]:
         assert load_model(tiny_pth, "cpu fp32").linear_backend == "onednn"
     bf16_onednn = probe_onednn(torch.bfloat16)[0]
-    assert load_model(tiny_pth, "cpu bf16").linear_backend == ("onednn" if bf16_onednn else "aten")
+    assert load_model(tiny_pth, "cpu bf16").linear_backend == ("onednn" if bf16_onednn
+                                                               else "widen")
     if probe_onednn(torch.float32)[1]:      # packed fp32: decode's few-row LoRA products go to F.linear (test above)
         assert select_linear(torch.device("cpu"), torch.float32).small_rows > 1
     assert select_linear(torch.device("cpu"), torch.bfloat16).small_rows == 0
     assert select_linear(torch.device("cpu"), torch.float32, "aten").small_rows == 0
-    if probe_onednn(torch.bfloat16)[1]:     # bf16 LoRA factors stay packed, one copy
-        w1 = load_model(tiny_pth, "cpu bf16").layers[1].w1
-        assert w1[1].is_mkldnn and w1[0] is w1[1]
-    with pytest.raises(ModelLoadError, match="unknown linear backend 'blas'.*auto, onednn, aten"):
+    if probe_onednn(torch.bfloat16)[1]:     # bf16 LoRA factors packed; the plain copy only for the native decode
+        model = load_model(tiny_pth, "cpu bf16")
+        w1 = model.layers[1].w1
+        assert w1[1].is_mkldnn and (w1[0] is w1[1]) == (model.decode_kernel != "native")
+    with pytest.raises(ModelLoadError, match="unknown linear backend 'blas'.*auto, onednn, aten, widen"):
         load_model(tiny_pth, "cpu fp32", linear_backend="blas")
     monkeypatch.setenv("GOOSE_LINEAR", "aten")
     assert load_model(tiny_pth, "cpu fp32").linear_backend == "aten"
     monkeypatch.setenv("GOOSE_LINEAR", "fast")
     with pytest.raises(ModelLoadError, match="GOOSE_LINEAR"):
         load_model(tiny_pth, "cpu fp32")
+
+
+def test_bf16_weights_without_onednn_bf16_take_fp32_products(tiny_pth):
+    """Where oneDNN has no bf16 path, many-row bf16 products widen the weight and run in fp32: the same numbers
+    as F.linear in fp32 on the bf16 weights, rounded to bf16; the model stays close to torch's bf16 matmul."""
+    from engine.model.linear import probe_onednn, select_linear
+    if probe_onednn(torch.bfloat16)[0]:
+        pytest.skip("oneDNN's bf16 linear works on this CPU: bf16 products stay bf16")
+    lin = select_linear(torch.device("cpu"), torch.bfloat16)
+    assert lin.plain and lin.name == "widen"
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(70, 96, generator=g).bfloat16(), torch.randn(40, 96, generator=g).bfloat16()
+    got = lin.fn(x, w)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.nn.functional.linear(x.float(), w.float()).bfloat16())
+    widened = load_model(tiny_pth, "cpu bf16")
+    plain = load_model(tiny_pth, "cpu bf16", linear_backend="aten")
+    toks = tokens_for(widened, 2, 30, seed=6)
+    a, _ = widened.forward(toks, None, full_output=True)
+    b, _ = plain.forward(toks, None, full_output=True)
+    assert rel_err(a, b) < 2e-2
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")

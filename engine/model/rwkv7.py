@@ -78,7 +78,7 @@ class RWKV7:
         self.layers = [prepare_layer(i, f32, mat, lora) for i in range(config.n_layer)]
         self._native_time_mix = self._prepare_native(native_kernels)
         self._native_decode = self._prepare_native_decode()
-        if self._native_decode is not None and linear.name == "aten" and not strategy.quant:
+        if self._native_decode is not None and linear.plain and not strategy.quant:
             self._proj = _few_rows_native(self._proj)       # plain float weights: the native product for decode
         if self._native_decode is None and not linear.small_rows:    # the plain LoRA copies are unused: drop them
             for lw in self.layers:

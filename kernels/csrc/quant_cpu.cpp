@@ -21,6 +21,8 @@
 #include <cstring>
 #include <algorithm>
 
+#include "goose_common.h"
+
 #if defined(GOOSE_X86_CLONES)
 #include <immintrin.h>
 #endif
@@ -28,13 +30,6 @@
 #pragma GCC optimize("fp-contract=fast")   // a * b + c as one FMA in this file (ISO C++ mode turns it off)
 
 namespace {
-
-#if defined(GOOSE_X86_CLONES)
-#define GOOSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GOOSE_CLONES
-#endif
-#define GOOSE_INLINE inline __attribute__((always_inline))
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i32 __attribute__((vector_size(32)));
@@ -47,13 +42,9 @@ constexpr int64_t kRowsPerPass = 4;      // activation rows multiplied with each
 
 enum Dtype { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-GOOSE_INLINE float bf16_value(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
+GOOSE_INLINE float bf16_value(uint16_t x) { return goose::from_bf16(x); }
 
-GOOSE_INLINE uint16_t bf16_round(float x) {      // to nearest even, as torch rounds; NaN stays a quiet NaN
-    const uint32_t bits = __builtin_bit_cast(uint32_t, x);
-    if (x != x) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-    return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
+GOOSE_INLINE uint16_t bf16_round(float x) { return goose::to_bf16(x); }
 
 GOOSE_INLINE float f16_value(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
