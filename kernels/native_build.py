@@ -82,8 +82,6 @@ class _Lib:
         lib.goose_gemv.argtypes = [i64, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ctypes.c_int]
         lib.goose_gemv.restype = None
         self.gemv = lib.goose_gemv
-        lib.goose_max_gemv_rows.restype = i64
-        self.max_gemv_rows = lib.goose_max_gemv_rows()
         # quantized products (csrc/quant_cpu.cpp, called through kernels/quant_native.py)
         lib.goose_quant_matmul.argtypes = [i64, i64, i64, ctypes.c_int, i64, ptr, ctypes.c_int, i64, ptr, i64,
                                            ptr, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64]

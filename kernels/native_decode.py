@@ -15,14 +15,9 @@ import torch
 
 from kernels.native_build import load, load_for_head_size
 
-__all__ = ["residual_ln_mix", "LoraTimeMix", "contiguous_rows", "gemv", "GEMV_ROWS"]
+__all__ = ["residual_ln_mix", "LoraTimeMix", "gemv", "GEMV_ROWS"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def contiguous_rows(*tensors: torch.Tensor) -> bool:
-    """Whether every tensor is a contiguous CPU tensor (what the native calls read in place)."""
-    return all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
 
 
 GEMV_ROWS = 4     # measured (one core, weights from memory): bf16 1.2-1.3x torch's F.linear at 1 row, ~3x at 4;

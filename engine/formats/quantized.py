@@ -23,7 +23,6 @@ engine/model/quant.py's QUANTIZED families go; every other tensor stays float, i
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,13 +36,7 @@ from engine.model.quant import Int4Weight, Int8Weight
 FORMAT, VERSION = "rwkv7-quantized", "2"
 KINDS = {"i8": "int8", "i4": "int4"}                   # strategy suffix / --dtype -> goose.quantization
 STRATEGIES = {"int8": ("cpu fp32i8", "cpu bf16i8"), "int4": ("cpu fp32i4", "cpu bf16i4")}
-MATRIX = re.compile(r"^(head|blocks\.\d+\.(att\.(receptance|key|value|output)|ffn\.(key|value)))\.weight$")
 _SCALES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def quantized_matrix(name: str) -> bool:
-    """Whether `goose convert --dtype i8|i4` stores this BlinkDL tensor quantized."""
-    return bool(MATRIX.match(name)) and quant.family(name) in quant.QUANTIZED
 
 
 def group_size() -> int:
@@ -89,7 +82,7 @@ def write_file(path: Path, names: list[str], meta: dict[str, torch.Tensor], get:
     entries, in_features = [], {}
     for n in names:
         shape = tuple(meta[n].shape)
-        if quantized_matrix(n):
+        if quant.quantizable(n):
             entries += plan(kind, n, shape)
             if kind == "i4" and shape[1] % 32:
                 in_features[n] = shape[1]
@@ -102,14 +95,14 @@ def write_file(path: Path, names: list[str], meta: dict[str, torch.Tensor], get:
     def produce(name: str) -> torch.Tensor:          # a matrix's companions come right after it (plan's order)
         if name in pending:
             return pending.pop(name)
-        if not quantized_matrix(name):
+        if not quant.quantizable(name):
             return get(name)
         parts = encode(kind, get(name))
         companions = plan(kind, name, tuple(meta[name].shape))[1:]
         pending.update(zip((entry[0] for entry in companions), parts[1:]))
         return parts[0]
     write_safetensors(path, entries, produce, bar.update if bar else None, metadata=metadata(kind, in_features))
-    n_mat = sum(map(quantized_matrix, names))
+    n_mat = sum(map(quant.quantizable, names))
     return f"{n_mat} matrices {KINDS[kind]}, {len(names) - n_mat} tensors as stored"
 
 
@@ -150,7 +143,7 @@ def open_quantized(path: Path, meta: dict[str, torch.Tensor], get: Callable[[str
         if t.dtype != code_dtype:
             out[name] = t
             continue
-        if not MATRIX.match(name):
+        if not quant.quantizable(name):
             raise ModelLoadError(f"{path}: tensor {name!r} is stored quantized ({t.dtype}), but only the projection, "
                                  f"FFN and head matrices may be")
         if t.dim() != 2:

@@ -212,9 +212,8 @@ class RWKV7:
             return lin(self._native_decode[i](mixed, r, k, v, first, S, dt), lw.w_out), v_first
         fused = self._native_time_mix is not None and S.is_contiguous()
         # the native kernel takes the projections in their dtype (it widens bf16 itself): no float copies
-        if not fused:
-            r, k, v = r.float(), k.float(), v.float()
         rows = (lambda t: t) if fused else (lambda t: t.float())  # noqa: E731
+        r, k, v = rows(r), rows(k), rows(v)
         lora = self._lora
         w_lora = rows(lora(torch.tanh(lora(xw, lw.w1)), lw.w2))
         a_lora = rows(lora(lora(xa, lw.a1), lw.a2))

@@ -30,7 +30,7 @@ extern "C" void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N,
 
 namespace {
 
-constexpr int64_t kGemvRows = 8;      // goose_gemv's most rows of x (goose_max_gemv_rows)
+constexpr int64_t kGemvRows = 8;      // goose_gemv's most rows of x (native_decode.GEMV_ROWS <= this)
 
 // Rows of float32 or bfloat16 values, widened to float32 where needed.
 GOOSE_INLINE void widen(int64_t n, const void *src, bool bf16, float *dst) {
@@ -287,8 +287,6 @@ void goose_lora_time_mix(int64_t B, int64_t H, int64_t N, int rows_bf16, const v
                          state, out);
     std::free(buf);
 }
-
-int64_t goose_max_gemv_rows() { return kGemvRows; }
 
 // y [M, N] = x [M, K] W^T for a few rows M, W [N, K] row-major: each weight row is read once, from memory, and
 // used for all M rows while it is in L1 (single-token decode is bound by reading the weights). x, W and y are
