@@ -39,7 +39,7 @@ log = logging.getLogger("goose.kernels")
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.cpp"
 SOURCES = sorted(SOURCE.parent.glob("*.cpp"))   # one library from every file in csrc/ (the time mix is SOURCE)
 HEADERS = sorted(SOURCE.parent.glob("*.h"))
-ABI_VERSION = 7
+ABI_VERSION = 8
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-trapping-math"]
 _OPENMP_NAME = re.compile(r"^lib(gomp|iomp5|omp)([-.].*)?\.so")
 
@@ -82,6 +82,9 @@ class _Lib:
         lib.goose_gemv.argtypes = [i64, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ctypes.c_int]
         lib.goose_gemv.restype = None
         self.gemv = lib.goose_gemv
+        lib.goose_decode_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr]
+        lib.goose_decode_step.restype = ctypes.c_int
+        self.decode_step = lib.goose_decode_step
         # quantized products (csrc/quant_cpu.cpp, called through kernels/quant_native.py)
         lib.goose_quant_matmul.argtypes = [i64, i64, i64, ctypes.c_int, i64, ptr, ctypes.c_int, i64, ptr, i64,
                                            ptr, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64]

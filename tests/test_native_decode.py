@@ -178,14 +178,15 @@ def test_gemv_refuses_what_it_cannot_run():
 
 
 def test_plain_float_weights_decode_through_the_native_product(tmp_path, monkeypatch):
-    """With plain weights (the aten linear backend) a few-row step uses the native product: same logits as the
-    backend's own product."""
+    """With plain weights (the aten linear backend) and the whole-model step off (tests/test_native_step.py), a
+    few-row step uses the native product: same logits as the backend's own product."""
     calls = []
     real = native_decode.gemv
     monkeypatch.setattr(native_decode, "gemv", lambda x, w: calls.append(x.shape) or real(x, w))
     path = tmp_path / "m.pth"
     write_checkpoint(path, PARITY_SHAPES["c192-f500-v0absent"], seed=6)
     plain = load_model(path, "cpu fp32", linear_backend="aten")
+    plain._step = None
     onednn = load_model(path, "cpu fp32")
     assert plain.linear_backend == "aten"
     V = plain.config.vocab_size

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import native, native_decode
+from kernels import native, native_decode, native_step
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model.allocator import release_free_memory, release_pages
@@ -88,6 +88,7 @@ class RWKV7:
         self.decode_kernel = ("native" if self._native_time_mix is not None
                               else "triton" if wkv_backend == "triton" else "torch")
         self._triton_time_mix = self._prepare_triton_time_mix()
+        self._step = self._prepare_step()
 
     def _prepare_native(self, wanted: bool | None):
         """The fused native time mix per layer (kernels/native.py), for decode and prompts, or None for the
@@ -131,6 +132,21 @@ class RWKV7:
             dict(w0=lw.w0, a0=lw.a0, v0=lw.v0, k_k=lw.k_k, k_a=lw.k_a, r_k=lw.r_k, ln_w=lw.ln_x[0], ln_b=lw.ln_x[1]),
             eps=GROUP_NORM_EPS, log_decay_scale=LOG_DECAY_SCALE) for lw in self.layers]
 
+    def _prepare_step(self):
+        """The whole single-token step as one native call (kernels/native_step.py) where the native decode is on
+        and every big matrix is one the step can read (quantized, or plain float); else None."""
+        if self._native_decode is None:
+            return None
+        cfg = self.config
+        try:
+            return native_step.DecodeStep(
+                n_head=cfg.n_head, head_size=cfg.head_size, emb=self.emb, ln_out=self.ln_out, head=self.head,
+                layers=self.layers, act_dtype=self.dtype, ln_eps=LN_EPS, gn_eps=GROUP_NORM_EPS,
+                log_decay_scale=LOG_DECAY_SCALE)
+        except ValueError as exc:               # e.g. oneDNN-packed float weights: the per-layer path decodes
+            log.debug("no native single-token step: %s", exc)
+            return None
+
     # ------------------------------------------------------------------------------------------ public API
     def zero_state(self, batch_size: int = 1) -> RNNState:
         return RNNState.zeros(self.config, batch_size, self.device)
@@ -142,6 +158,15 @@ class RWKV7:
         tokens: LongTensor [B, T] (T >= 1). The state is updated in place and returned; clone() it first to
         keep a snapshot. logits: float32 [B, T, V] with full_output, else [B, V] for the last position.
         """
+        if self._step is not None and not full_output:
+            # one token for a few sequences: the whole model as one native call (kernels/native_step.py)
+            tokens = self._check_tokens(tokens)
+            B, T = tokens.shape
+            if state is None:
+                state = self.zero_state(B)
+            if (T == 1 and 0 < B <= native_step.STEP_ROWS and state.batch_size == B
+                    and all(t.is_contiguous() for t in state.tensors())):
+                return self._step(tokens[:, 0], state.att_x, state.wkv, state.ffn_x), state
         hidden, state = self.forward_hidden(tokens, state, full_output=full_output)
         return self._proj(hidden.to(self.dtype), self.head).float(), state
 

@@ -15,8 +15,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 
 #include "goose_common.h"
+#include "products.h"
 
 using goose::from_bf16;
 using goose::to_bf16;
@@ -27,6 +29,13 @@ extern "C" void goose_rwkv7_time_mix(int64_t B, int64_t T, int64_t H, int64_t N,
                                      const float *w0, const float *a0, const float *v0, const float *k_k,
                                      const float *k_a, const float *r_k, const float *ln_w, const float *ln_b,
                                      float eps, float log_decay_scale, float *state, void *out);
+
+namespace goose {
+void time_mix_head(int64_t N, int64_t c, const float *r, const float *w_lora, const float *k, const float *v,
+                   const float *a_lora, const float *v_lora, const float *v_first, const float *g, const float *w0,
+                   const float *a0, const float *v0, const float *k_k, const float *k_a, const float *r_k,
+                   const float *ln_w, const float *ln_b, float eps, float log_decay_scale, float *S, float *out);
+}
 
 namespace {
 
@@ -310,6 +319,164 @@ void goose_gemv(int64_t M, int64_t N, int64_t K, const void *x, int x_bf16, cons
         }
     }
     std::free(xf);
+}
+
+}  // extern "C"
+
+// ------------------------------------------------------------------------------------------- the whole step
+// One token for each of B sequences through the whole model in one call, for single-stream decode: embedding,
+// every layer, the final norm and the head. kernels/native_step.py builds these structs once per model (keep
+// them equal to its ctypes mirrors).
+//
+// Why: a token of a 0.1B model is ~75 matrix products and ~25 small calls in between; even with the small work
+// fused, each call from Python costs a dispatch and a thread fork/join, which at 3-6 ms a token was a third of
+// the time of the quantized strategies. Here all of it runs in one OpenMP parallel region: every product's rows
+// are split among the threads (products_cpu.cpp), the LoRA chains and the r/k/v products share one pass, heads
+// run in parallel, the norms and shifts run on one thread between barriers.
+//
+// Numerics follow the model's torch path (engine/model/rwkv7.py) step for step: with bf16 activations, the
+// token-shift mixes, every product's output, the time mix's output and the FFN's squared activations are rounded
+// to bf16 where the torch path stores a bf16 tensor; norms, LoRA chains, the time mix and the residual stream are
+// float32.
+namespace {
+
+struct LayerRef {
+    const float *ln1_w, *ln1_b, *att_mix, *ln2_w, *ln2_b, *ffn_mix;
+    goose::MatRef r, k, v, o, fk, fv;
+    goose::MatRef w1, w2, a1, a2, g1, g2, v1, v2;      // LoRA factors [out, in]; v1/v2 data null: no value residual
+    const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *lnx_w, *lnx_b;
+};
+
+struct ModelRef {
+    int64_t L, C, H, N, F, V;
+    int32_t act_bf16, emb_bf16;
+    const void *emb;                                    // [V, C]
+    const float *ln_out_w, *ln_out_b;
+    goose::MatRef head;
+    const LayerRef *layers;
+    float ln_eps, gn_eps, log_decay_scale, unused;
+};
+
+GOOSE_INLINE int64_t whole_blocks(int64_t n) { return (n + 31) / 32 * 32; }
+
+// h = layer_norm(x (+= dx)); out[i] = rounded(h + (prev - h) * mix[i]) for the M mixes (out rows ldo apart);
+// prev = h.
+void norm_and_mix(const ModelRef &m, int64_t B, float *x, const float *dx, const float *ln_w, const float *ln_b,
+                  float *prev, const float *mix, int64_t M, float *out, int64_t ldo, float *h) {
+    const int64_t C = m.C;
+    for (int64_t b = 0; b < B; ++b) {
+        layer_norm_row(C, x + b * C, dx ? dx + b * C : nullptr, false, ln_w, ln_b, m.ln_eps, h);
+        float *p = prev + b * C;
+        for (int64_t i = 0; i < M; ++i) {
+            float *o = out + (i * B + b) * ldo;
+            const float *mm = mix + i * C;
+            for (int64_t c = 0; c < C; ++c) {
+                const float v = h[c] + (p[c] - h[c]) * mm[c];
+                o[c] = m.act_bf16 ? from_bf16(to_bf16(v)) : v;
+            }
+        }
+        std::memcpy(p, h, C * sizeof(float));
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// tokens [B]; att_x, wkv, ffn_x: per layer, the state rows of the B sequences ([B, C], [B, H, N, N], [B, C],
+// contiguous float32), advanced in place; logits [B, V] float32. Returns 0, or -1 when scratch memory could not be
+// had (nothing was changed then).
+int goose_decode_step(const ModelRef *model, int64_t B, const int64_t *tokens, float *const *att_x,
+                      float *const *wkv, float *const *ffn_x, float *logits) {
+    const ModelRef &m = *model;
+    const int64_t C = m.C, Cp = whole_blocks(C), Fp = whole_blocks(m.F), H = m.H, N = m.N;
+    int64_t dmax = 0;
+    for (int64_t l = 0; l < m.L; ++l) {
+        const LayerRef &lw = m.layers[l];
+        dmax = std::max(dmax, lw.w1.N + lw.a1.N + lw.g1.N + (lw.v1.data ? lw.v1.N : 0));
+    }
+    // scratch, zeroed once: rows read by int4 products stay zero past C / F
+    const int64_t sizes[] = {B * C, 6 * B * Cp, 3 * B * C, B * C, 4 * B * C, B * dmax, B * Cp, B * C, B * Cp, B * Fp,
+                             B * C, B * Cp, C};
+    int64_t total = 0;
+    for (int64_t n : sizes) total += n;
+    float *buf = static_cast<float *>(std::calloc(total, sizeof(float)));
+    if (buf == nullptr) return -1;
+    float *at = buf;
+    auto take = [&at](int64_t n) { float *p = at; at += n; return p; };
+    float *x = take(sizes[0]), *mixed = take(sizes[1]), *rkv = take(sizes[2]), *vfirst = take(sizes[3]);
+    float *lora = take(sizes[4]), *hidden = take(sizes[5]), *tm = take(sizes[6]), *dx = take(sizes[7]);
+    float *xk = take(sizes[8]), *ffn = take(sizes[9]), *pending = take(sizes[10]), *xo = take(sizes[11]);
+    float *h = take(sizes[12]);
+    float *r = rkv, *k = rkv + B * C, *v = rkv + 2 * B * C;
+    float *lw_ = lora, *la = lora + B * C, *lg = lora + 2 * B * C, *lv = lora + 3 * B * C;
+    const goose::Epilogue out_e = m.act_bf16 ? goose::kRoundBF16 : goose::kStore;
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t t = tokens[b];
+        if (m.emb_bf16)
+            widen(C, static_cast<const uint16_t *>(m.emb) + t * C, true, x + b * C);
+        else
+            std::memcpy(x + b * C, static_cast<const float *>(m.emb) + t * C, C * sizeof(float));
+    }
+#pragma omp parallel
+    {
+        for (int64_t l = 0; l < m.L; ++l) {
+            const LayerRef &lw = m.layers[l];
+            const bool value = lw.v1.data != nullptr;
+            float *xr = mixed, *xkk = mixed + B * Cp, *xv = mixed + 2 * B * Cp, *xw = mixed + 3 * B * Cp;
+            float *xa = mixed + 4 * B * Cp, *xg = mixed + 5 * B * Cp;
+            float *hw = hidden, *ha = hw + B * lw.w1.N, *hg = ha + B * lw.a1.N, *hv = hg + B * lw.g1.N;
+#pragma omp single
+            norm_and_mix(m, B, x, l ? pending : nullptr, lw.ln1_w, lw.ln1_b, att_x[l], lw.att_mix, 6, mixed, Cp, h);
+            // everything that reads the mixes: r, k, v and the first LoRA factors
+            goose::product_team(lw.r, B, xr, Cp, r, false, C, out_e);
+            goose::product_team(lw.k, B, xkk, Cp, k, false, C, out_e);
+            goose::product_team(lw.v, B, xv, Cp, v, false, C, out_e);
+            goose::product_team(lw.w1, B, xw, Cp, hw, false, lw.w1.N, goose::kTanh);
+            goose::product_team(lw.a1, B, xa, Cp, ha, false, lw.a1.N, goose::kStore);
+            goose::product_team(lw.g1, B, xg, Cp, hg, false, lw.g1.N, goose::kSigmoid);
+            if (value) goose::product_team(lw.v1, B, xv, Cp, hv, false, lw.v1.N, goose::kStore);
+#pragma omp barrier
+            goose::product_team(lw.w2, B, hw, lw.w1.N, lw_, false, C, goose::kStore);
+            goose::product_team(lw.a2, B, ha, lw.a1.N, la, false, C, goose::kStore);
+            goose::product_team(lw.g2, B, hg, lw.g1.N, lg, false, C, goose::kStore);
+            if (value) goose::product_team(lw.v2, B, hv, lw.v1.N, lv, false, C, goose::kStore);
+            if (l == 0) {
+#pragma omp single nowait
+                std::memcpy(vfirst, v, B * C * sizeof(float));
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < B * H; ++p) {
+                const int64_t b = p / H, c = (p % H) * N, o = b * C + c;
+                float *dst = tm + b * Cp + c;
+                goose::time_mix_head(N, c, r + o, lw_ + o, k + o, v + o, la + o, value ? lv + o : nullptr,
+                                     value ? vfirst + o : nullptr, lg + o, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a,
+                                     lw.r_k, lw.lnx_w, lw.lnx_b, m.gn_eps, m.log_decay_scale,
+                                     wkv[l] + p * N * N, dst);
+                if (m.act_bf16)
+                    for (int64_t j = 0; j < N; ++j) dst[j] = from_bf16(to_bf16(dst[j]));
+            }
+            goose::product_team(lw.o, B, tm, Cp, dx, false, C, out_e);
+#pragma omp barrier
+#pragma omp single
+            norm_and_mix(m, B, x, dx, lw.ln2_w, lw.ln2_b, ffn_x[l], lw.ffn_mix, 1, xk, Cp, h);
+            goose::product_team(lw.fk, B, xk, Cp, ffn, false, Fp,
+                                m.act_bf16 ? goose::kReluSquareBF16 : goose::kReluSquare);
+#pragma omp barrier
+            goose::product_team(lw.fv, B, ffn, Fp, pending, false, C, out_e);
+#pragma omp barrier
+        }
+#pragma omp single
+        for (int64_t b = 0; b < B; ++b) {
+            layer_norm_row(C, x + b * C, pending + b * C, false, m.ln_out_w, m.ln_out_b, m.ln_eps, xo + b * Cp);
+            if (m.act_bf16)
+                for (int64_t c = 0; c < C; ++c) xo[b * Cp + c] = from_bf16(to_bf16(xo[b * Cp + c]));
+        }
+        goose::product_team(m.head, B, xo, Cp, logits, false, m.V, out_e);
+    }
+    std::free(buf);
+    return 0;
 }
 
 }  // extern "C"

@@ -274,10 +274,26 @@ int64_t sample_row(int64_t V, const float *x, float it, float u, float *sums) {
 
 }  // namespace
 
+namespace goose {
+
+// One head of one token of the time mix (goose_rwkv7_time_mix with B = T = 1, on the head's slices): for the
+// single-token step of decode_cpu.cpp, which calls it from its own threads. c: the head's first channel (the
+// vectors are indexed from it); S: the head's [N, N] state, advanced in place; out: N values.
+void time_mix_head(int64_t N, int64_t c, const float *r, const float *w_lora, const float *k, const float *v,
+                   const float *a_lora, const float *v_lora, const float *v_first, const float *g, const float *w0,
+                   const float *a0, const float *v0, const float *k_k, const float *k_a, const float *r_k,
+                   const float *ln_w, const float *ln_b, float eps, float log_decay_scale, float *S, float *out) {
+    const TimeMixParams params{w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, log_decay_scale};
+    const HeadState head(N, S, 1);
+    head_time_mix(N, r, w_lora, k, v, a_lora, v_lora, v_first, g, params, c, head, out);
+}
+
+}  // namespace goose
+
 extern "C" {
 
 // Bumped whenever a signature below changes; kernels/native_build.py refuses a library reporting another number.
-int goose_abi_version() { return 7; }
+int goose_abi_version() { return 8; }
 
 int64_t goose_max_head_size() { return kMaxHeadSize; }
 

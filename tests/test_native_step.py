@@ -1,0 +1,197 @@
+"""The whole single-token step as one native call (kernels/native_step.py, goose_decode_step in
+kernels/csrc/decode_cpu.cpp) and the few-row product kernels under it (kernels/csrc/products_cpu.cpp): the step
+against the model's per-layer path for every weight form it reads, when it is used and when not, what it refuses,
+and every instruction-set build of the kernels."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.random_checkpoint import write_checkpoint
+from engine import load_model
+from engine.formats.convert import convert
+from kernels import native_step
+from kernels.quant_native import quant_matmul
+from engine.model import quant
+from tests.conftest import PARITY_SHAPES, rel_err
+
+pytestmark = pytest.mark.skipif(os.environ.get("GOOSE_NATIVE_KERNELS") == "0",
+                                reason="GOOSE_NATIVE_KERNELS=0 in the environment")
+
+# (strategy, linear backend, logits tolerance against the per-layer path). bf16 activations: both paths round the
+# same values to bf16, but a sum a few ulps apart can round the other way (a near-tie), hence the looser bound.
+STRATEGIES = [("fp32", "plain", 2e-5), ("bf16", "plain", 3e-2), ("fp32i8", None, 2e-5), ("bf16i8", None, 3e-2),
+              ("fp32i4", None, 2e-5), ("bf16i4", None, 3e-2)]
+
+
+@pytest.fixture(scope="module", params=["c192-f500-v0absent", "c128-n32-v0present"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("step") / f"{request.param}.pth"
+    write_checkpoint(path, PARITY_SHAPES[request.param], seed=11)
+    return path
+
+
+def _per_layer(model, tokens, state):
+    """The same forward with the native step switched off: the per-layer path the step replaces."""
+    step, model._step = model._step, None
+    try:
+        return model.forward(tokens, state)
+    finally:
+        model._step = step
+
+
+@pytest.mark.parametrize("strategy,backend,tol", STRATEGIES)
+def test_the_step_gives_the_per_layer_path_logits_and_states(checkpoint, strategy, backend, tol):
+    model = load_model(checkpoint, f"cpu {strategy}", linear_backend=backend)
+    assert model._step is not None, strategy
+    V = model.config.vocab_size
+    calls = []
+    real = model._step
+    model._step = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    for B in (1, 3, native_step.STEP_ROWS):
+        g = torch.Generator().manual_seed(B)
+        prompt = torch.randint(0, V, (B, 5), generator=g)
+        _, fast = model.forward(prompt)
+        slow = fast.clone()
+        for i in range(4):
+            tok = torch.randint(0, V, (B, 1), generator=g)
+            got, fast = model.forward(tok, fast)
+            want, slow = _per_layer(model, tok, slow)
+            assert got.shape == (B, V) and got.dtype == torch.float32
+            assert rel_err(got, want) < tol, (B, i)
+        if "bf16" not in strategy:
+            for a, b in zip(fast.tensors(), slow.tensors()):
+                assert rel_err(a, b) < 1e-4, B
+    assert calls == [1] * 4 + [3] * 4 + [native_step.STEP_ROWS] * 4
+
+
+def test_gguf_q8_0_and_q4_0_weights_decode_through_the_step(tmp_path):
+    pth = tmp_path / "m.pth"
+    write_checkpoint(pth, PARITY_SHAPES["c192-f500-v0absent"], seed=3)
+    for dtype, strategy in (("q8_0", "cpu fp32i8"), ("q4_0", "cpu bf16i4")):
+        gguf = tmp_path / f"m-{dtype}.gguf"
+        convert(str(pth), str(gguf), dtype=dtype, tokenizer="none", force=True, progress=False,
+                note=lambda text: None)
+        model = load_model(gguf, strategy)
+        assert model._step is not None and quant.kind_of(model.head) is not None
+        tok = torch.tensor([[5], [9]])
+        _, state = model.forward(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+        got, _ = model.forward(tok, state.clone())
+        want, _ = _per_layer(model, tok, state.clone())
+        assert rel_err(got, want) < (2e-5 if "fp32" in strategy else 3e-2), dtype
+
+
+def test_the_step_stays_out_where_it_cannot_serve(checkpoint):
+    model = load_model(checkpoint, "cpu fp32i8")
+    calls = []
+    real = model._step
+    model._step = lambda *a: calls.append(1) or real(*a)
+    V = model.config.vocab_size
+    B = native_step.STEP_ROWS + 1
+    _, state = model.forward(torch.randint(0, V, (B, 3)))
+    model.forward(torch.randint(0, V, (B, 1)), state)                       # too many rows
+    model.forward(torch.randint(0, V, (2, 1)), None)                        # a fresh state is fine ...
+    assert calls == [1]
+    model.forward(torch.randint(0, V, (2, 2)))                              # ... two tokens are a prompt
+    one = state.narrow(0, 1).clone()
+    one.att_x = [torch.zeros(1, t.shape[1], 2)[..., 0].copy_(t) for t in one.att_x]
+    assert not one.att_x[0].is_contiguous()
+    model.forward(torch.tensor([[3]]), one)                                 # a strided state row
+    logits, _ = model.forward(torch.tensor([[3]]), state.narrow(0, 1).clone(), full_output=True)
+    assert logits.shape[:2] == (1, 1)                                       # full_output keeps its shape
+    assert calls == [1]
+
+
+def test_packed_weights_keep_the_per_layer_path(checkpoint):
+    """oneDNN's packed float weights are opaque: the step cannot read them, the model decodes as before."""
+    from engine.model.linear import probe_onednn
+    if not probe_onednn(torch.float32)[1]:
+        pytest.skip("this torch build cannot pack oneDNN weights")
+    model = load_model(checkpoint, "cpu fp32")
+    assert model._step is None
+    with pytest.raises(ValueError, match="head: the step reads plain row-major matrices"):
+        native_step.mat_ref(model.head, [], "head")
+
+
+def test_the_step_refuses_bad_calls(checkpoint):
+    model = load_model(checkpoint, "cpu fp32i8")
+    step, V = model._step, model.config.vocab_size
+    state = model.zero_state(2)
+    with pytest.raises(ValueError, match=f"1 to {native_step.STEP_ROWS} sequences, got 0"):
+        step(torch.zeros(0, dtype=torch.long), state.att_x, state.wkv, state.ffn_x)
+    with pytest.raises(ValueError, match="state wkv must be"):
+        step(torch.tensor([1, 2]), state.att_x, [t[:1] for t in state.wkv], state.ffn_x)
+    with pytest.raises(ValueError, match="state att_x must be"):
+        step(torch.tensor([1, 2]), [t.double() for t in state.att_x], state.wkv, state.ffn_x)
+    with pytest.raises(ValueError, match="int4 groups must be whole blocks of 32 columns"):
+        native_step.mat_ref(_FakeInt4(), [], "layer 0 key")
+    with pytest.raises(ValueError, match="layer 0 key: shape \\[4, 8\\], expected \\[8, 8\\]"):
+        native_step.mat_ref(torch.zeros(4, 8), [], "layer 0 key", (8, 8))
+    assert step(torch.tensor([1, V - 1]), state.att_x, state.wkv, state.ffn_x).shape == (2, V)
+
+
+class _FakeInt4:
+    def parts(self):
+        return 4, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1), None, 48, 32
+
+
+# ---------------------------------------------------------------------------------------- the product kernels
+_ISA_CHECK = r"""
+import torch
+from engine.model import quant
+from kernels.quant_native import quant_matmul
+from kernels import native_decode
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for N, K in ((7, 13), (33, 100), (40, 768), (16, 200)):
+    w = torch.randn(N, K, generator=g)
+    for M in (1, 3, 4, 7):
+        x = torch.randn(M, K, generator=g)
+        for qw in (quant.quantize_int8(w), quant.quantize_int4(w, 64), quant.quantize_int4(w, 32)):
+            want = x.double() @ qw.dequantize().double().T
+            got = quant_matmul(x, *qw.parts()).double()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+        if M <= native_decode.GEMV_ROWS:
+            for dt in (torch.float32, torch.bfloat16):
+                want = x.double() @ w.to(dt).double().T
+                got = native_decode.gemv(x, w.to(dt)).double()
+                worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", None])
+def test_every_instruction_set_build_of_the_products_is_exact(isa, tmp_path):
+    """GOOSE_KERNEL_ISA picks a narrower build than the machine's (the kernels choose once per process)."""
+    env = dict(os.environ)
+    env.pop("GOOSE_KERNEL_ISA", None)
+    if isa:
+        env["GOOSE_KERNEL_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 64])
+def test_quantized_products_with_groups_of_32_and_fp16_scales(bits, M):
+    """GGUF's blocks (32 columns, fp16 scales, no zeros for Q4_0) through the same kernels, K not a multiple of
+    32 for int8."""
+    g = torch.Generator().manual_seed(bits * 100 + M)
+    N, K = 48, 200 if bits == 8 else 192
+    if bits == 8:
+        codes = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        scales = (torch.rand(N, -(-K // 32), generator=g) / 50).half()
+        w = quant.Int8Weight(codes, scales, 32)
+    else:
+        codes = torch.randint(0, 256, (N, K // 2), generator=g).to(torch.uint8)
+        scales = (torch.rand(N, K // 32, generator=g) / 10).half()
+        w = quant.Int4Weight(codes, scales, None, 32, K)
+    x = torch.randn(M, K, generator=g)
+    want = x.double() @ w.dequantize().double().T
+    assert rel_err(quant_matmul(x, *w.parts()), want) < 1e-5
