@@ -24,8 +24,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("GOOSE_NATIVE_KERNELS") == "0",
 
 # (strategy, linear backend, logits tolerance against the per-layer path). bf16 activations: both paths round the
 # same values to bf16, but a sum a few ulps apart can round the other way (a near-tie), hence the looser bound.
+# int4 on CPUs with AVX-512 VNNI rounds each product's x to int16 (products_cpu.cpp): float-rounding differences
+# between the paths' LoRA sums can move an element to the next int16 step, ~1e-4 of the logits.
 STRATEGIES = [("fp32", "plain", 2e-5), ("bf16", "plain", 3e-2), ("fp32i8", None, 2e-5), ("bf16i8", None, 3e-2),
-              ("fp32i4", None, 2e-5), ("bf16i4", None, 3e-2)]
+              ("fp32i4", None, 1e-3), ("bf16i4", None, 3e-2)]
 
 
 @pytest.fixture(scope="module", params=["c192-f500-v0absent", "c128-n32-v0present"])
@@ -65,7 +67,7 @@ def test_the_step_gives_the_per_layer_path_logits_and_states(checkpoint, strateg
             assert rel_err(got, want) < tol, (B, i)
         if "bf16" not in strategy:
             for a, b in zip(fast.tensors(), slow.tensors()):
-                assert rel_err(a, b) < 1e-4, B
+                assert rel_err(a, b) < (1e-3 if "i4" in strategy else 1e-4), B
     assert calls == [1] * 4 + [3] * 4 + [native_step.STEP_ROWS] * 4
 
 
@@ -82,7 +84,7 @@ def test_gguf_q8_0_and_q4_0_weights_decode_through_the_step(tmp_path):
         _, state = model.forward(torch.tensor([[1, 2, 3], [4, 5, 6]]))
         got, _ = model.forward(tok, state.clone())
         want, _ = _per_layer(model, tok, state.clone())
-        assert rel_err(got, want) < (2e-5 if "fp32" in strategy else 3e-2), dtype
+        assert rel_err(got, want) < (1e-3 if "fp32" in strategy else 3e-2), dtype
 
 
 def test_the_step_stays_out_where_it_cannot_serve(checkpoint):
@@ -146,27 +148,34 @@ from engine.model import quant
 from kernels.quant_native import quant_matmul
 from kernels import native_decode
 g = torch.Generator().manual_seed(0)
-worst = 0.0
-for N, K in ((7, 13), (33, 100), (40, 768), (16, 200)):
+worst = worst4 = 0.0
+for N, K in ((7, 13), (33, 100), (40, 768), (16, 200), (9, 3072)):
     w = torch.randn(N, K, generator=g)
     for M in (1, 3, 4, 7):
         x = torch.randn(M, K, generator=g)
-        for qw in (quant.quantize_int8(w), quant.quantize_int4(w, 64), quant.quantize_int4(w, 32)):
+        for qw in (quant.quantize_int8(w), quant.quantize_int4(w, 64), quant.quantize_int4(w, 32),
+                   quant.quantize_int4(w, 128)):
             want = x.double() @ qw.dequantize().double().T
             got = quant_matmul(x, *qw.parts()).double()
-            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            if isinstance(qw, quant.Int4Weight):
+                worst4 = max(worst4, err)
+            else:
+                worst = max(worst, err)
         if M <= native_decode.GEMV_ROWS:
             for dt in (torch.float32, torch.bfloat16):
                 want = x.double() @ w.to(dt).double().T
                 got = native_decode.gemv(x, w.to(dt)).double()
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-print(worst)
+print(worst, worst4)
 """
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2", None])
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", None])
 def test_every_instruction_set_build_of_the_products_is_exact(isa, tmp_path):
-    """GOOSE_KERNEL_ISA picks a narrower build than the machine's (the kernels choose once per process)."""
+    """GOOSE_KERNEL_ISA picks a narrower build than the machine's (the kernels choose once per process; a build
+    the CPU lacks falls back to the best it has). The int4 kernel of CPUs with AVX-512 VNNI rounds x to int16 (one
+    scale a row), which moves sums by ~1e-4 of their largest; every other build is exact to float rounding."""
     env = dict(os.environ)
     env.pop("GOOSE_KERNEL_ISA", None)
     if isa:
@@ -174,7 +183,9 @@ def test_every_instruction_set_build_of_the_products_is_exact(isa, tmp_path):
     out = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+    worst, worst4 = map(float, out.stdout.strip().splitlines()[-1].split())
+    assert worst < 1e-5
+    assert worst4 < (5e-4 if isa is None else 1e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -194,4 +205,4 @@ def test_quantized_products_with_groups_of_32_and_fp16_scales(bits, M):
         w = quant.Int4Weight(codes, scales, None, 32, K)
     x = torch.randn(M, K, generator=g)
     want = x.double() @ w.dequantize().double().T
-    assert rel_err(quant_matmul(x, *w.parts()), want) < 1e-5
+    assert rel_err(quant_matmul(x, *w.parts()), want) < (1e-5 if bits == 8 else 5e-4)    # int4: x in int16 (VNNI)

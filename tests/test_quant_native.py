@@ -56,8 +56,10 @@ def test_native_product_matches_float(m, n, k, xdtype, bits, group, scale_dtype,
     want = x.double() @ _reference(w).t()
     y = quant_matmul(x, *w.parts())
     assert y.dtype == xdtype and y.shape == (m, n)
-    assert rel_err(y.float(), want) < (2e-6 if xdtype == torch.float32 else 1e-2)
-    assert rel_err(quant_matmul(x, *w.parts(), out_dtype=torch.float32), want) < 2e-6   # fp32 sums throughout
+    # fp32 sums throughout; int4 on CPUs with AVX-512 VNNI rounds x to int16 first (kernels/csrc/products_cpu.cpp)
+    exact = 2e-6 if bits == 8 else 5e-4
+    assert rel_err(y.float(), want) < (exact if xdtype == torch.float32 else 1e-2)
+    assert rel_err(quant_matmul(x, *w.parts(), out_dtype=torch.float32), want) < exact
     assert rel_err(quant_dequantize(*w.parts()), _reference(w)) < 1e-7
     assert rel_err(quant_matmul(x[:, :].t().contiguous().t(), *w.parts()).float(), want) < 1e-2   # strided x
 
@@ -70,7 +72,7 @@ def test_few_rows_native_many_rows_dense_agree(kind, monkeypatch):
     x = torch.randn(3, 40, 200, generator=g)
     native = quant.quantized_product(x, qw)               # 120 rows > DENSE_ROWS: dense
     monkeypatch.setattr(quant, "DENSE_ROWS", 1000)
-    assert rel_err(quant.quantized_product(x, qw), native) < 1e-5
+    assert rel_err(quant.quantized_product(x, qw), native) < (1e-5 if kind == "i8" else 5e-4)   # i4: x in int16
     assert native.shape == (3, 40, 96)
 
 
@@ -118,7 +120,7 @@ def test_gguf_loads_quantized_as_stored(ggufs, dtype, strategy, cls, bits):
     toks = torch.randint(0, SHAPE.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     got, _ = model.forward(toks, None, full_output=True)
     want, _ = floats.forward(toks, None, full_output=True)
-    assert rel_err(got, want) < (1e-5 if "fp32" in strategy else 0.05)
+    assert rel_err(got, want) < ((1e-5 if bits == 8 else 1e-3) if "fp32" in strategy else 0.05)
     # the file's blocks as they are: group 32, fp16 scales, codes byte for byte; no float matrix
     Q = require_gguf().GGMLQuantizationType
     stored = {t.name: t for t in GGUFFile(path).tensors}["blk.1.time_mix_key.weight"]
