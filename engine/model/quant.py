@@ -177,8 +177,8 @@ def quantize_int8(w: torch.Tensor, device: torch.device | str = "cpu") -> Int8We
     for i in range(0, N, CHUNK_ROWS):
         rows = w[i:i + CHUNK_ROWS].to(torch.float32, copy=True)      # scaled in place below
         s = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp_(min=1e-12)
-        scale[i:i + CHUNK_ROWS] = s
-        q[i:i + CHUNK_ROWS] = rows.div_(s).round_().clamp_(-127, 127)
+        scale[i:i + CHUNK_ROWS].copy_(s)                               # to ``device`` (and int8) as they are
+        q[i:i + CHUNK_ROWS].copy_(rows.div_(s).round_().clamp_(-127, 127))
     return Int8Weight(q, scale, K)
 
 
