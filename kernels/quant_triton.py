@@ -11,13 +11,13 @@ registers; sums are fp32 and y is written in x's dtype. Any M, K and N: tiles pa
 How a tile is multiplied depends on M:
 - M <= FMA_ROWS (single-stream and tiny-batch decode): fp32 multiply-adds on the CUDA cores, x and q widened to
   fp32 and each weight scaled exactly in fp32 (q * s, no rounding). tl.dot needs 16 rows, of which 15 would be
-  padding here, and the product is bound by reading the weight anyway, so narrow tiles of many columns give more
-  programs to read it.
+  padding here, and the product is bound by reading the weight anyway, so tiles of few output columns (8-32) give
+  more programs to read it in parallel.
 - more rows (batched decode, prefill): tl.dot on tensor cores. q is widened to x's dtype, which is exact
   (|q| <= 127 fits the 8 or 11 bits of a bf16 or fp16 significand), and the fp32 products are scaled afterwards:
   per row once at the end, per group once per K block when the block lies inside one group (BLOCK_K divides the
-  group: Q8_0's 32 columns). Only a group that no power-of-two block divides (e.g. 48, 100: no file Goose or GGUF
-  writes has one) scales each weight before the product, rounding q * s to x's dtype as the torch fallback
+  group: Q8_0's 32 columns). Only a group that no block of 16 or more divides (e.g. 10 or 100: no file Goose or
+  GGUF writes has one) scales each weight before the product, rounding q * s to x's dtype as the torch fallback
   (engine/model/quant.py's dequantized_product) does.
 So the kernel is never less exact than dequantizing W to x's dtype and calling F.linear, and usually more: the
 scale is never rounded to fp16/bf16 on the per-row and 32-column paths.

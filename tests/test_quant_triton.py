@@ -51,7 +51,7 @@ CASES = [  # M, K, N, group: the path each takes is checked in test_launch_confi
     (1, 100, 33, 100), (3, 70, 17, 70), (4, 129, 40, 32), (1, 96, 50, 32),         # FMA: per row, per group
     (5, 96, 40, 96), (17, 130, 70, 130), (70, 64, 9, 64),                          # tl.dot, one scale per row
     (6, 96, 33, 32), (33, 100, 70, 32), (65, 40, 20, 32),                          # tl.dot, Q8_0's groups of 32
-    (7, 100, 19, 48), (9, 100, 19, 10), (2, 100, 19, 10),                          # odd groups
+    (7, 100, 19, 48), (9, 100, 19, 10), (2, 100, 19, 10),      # odd groups: blocks of 16; per weight; FMA
 ]
 
 
