@@ -177,7 +177,7 @@ def triton_model(path, dtype: torch.dtype, monkeypatch):
     return RWKV7(sd, config, strategy, native_kernels=False)
 
 
-def dequantized_twin(path, model, dtype: torch.dtype):
+def dequantized_twin(path, dtype: torch.dtype):
     """The same model on float weights: each quantized matrix's dequantized values, in ``dtype``."""
     from engine.formats.checkpoint import load_weights
     from engine.model.rwkv7 import RWKV7
@@ -203,7 +203,7 @@ def test_model_through_the_triton_product_matches_dequantized_floats(checkpoint,
                                                                                "ffn_key", "ffn_value")]:
         assert isinstance(w, quant.Int8Weight) and w.codes.device.type == DEV.type
     assert isinstance(model.layers[0].w1[0], torch.Tensor) and model.layers[0].w1[0].dtype == dtype   # LoRA float
-    twin = dequantized_twin(checkpoint, model, dtype)
+    twin = dequantized_twin(checkpoint, dtype)
     tokens = torch.randint(0, model.config.vocab_size, (2, 15), generator=torch.Generator().manual_seed(1))
     got, state = model.forward(tokens[:, :12].to(DEV), None)
     want, want_state = twin.forward(tokens[:, :12], None)
@@ -217,7 +217,6 @@ def test_model_through_the_triton_product_matches_dequantized_floats(checkpoint,
     layers = model.config.n_layer
     assert len(calls) == 4 * (6 * layers + 1)                  # every big matrix of every forward took the kernel
     assert (2, 12, model.config.n_embd) in calls and (2, model.config.n_embd) in calls     # prompt, head, decode
-
 
 
 def test_static_decode_step_runs_the_quantized_model(checkpoint, monkeypatch):
