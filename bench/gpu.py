@@ -1,7 +1,7 @@
 """GPU benchmark: prefill and batched decode of random 0.1B / 1.5B / 7.2B-shaped RWKV-7 models, with bounds.
 
     python -m bench.gpu [--shapes 0.1b,1.5b,7.2b] [--dtype fp16] [--prefill 4096] [--batches 1,64,256]
-                        [--backends triton,chunked] [--device cuda]
+                        [--backends triton,chunked] [--device cuda] [--quant fp16i8,bf16i8] [--no-wkv]
 
 For each shape: prefill tokens/s (one prompt of T tokens) and decode tokens/s at each batch size (aggregate
 over the batch) through the model with each WKV backend, eagerly (model.forward per step, no sampling) and as
@@ -12,10 +12,15 @@ heads: prefill T tokens (the Triton kernel, the torch chunked form, and flash-li
 `fla` is installed) and one decode step at the largest B (ours, torch's, and fla's fused_recurrent_rwkv7).
 Weights are drawn on the device (bench/random_checkpoint.py), so a 7.2B shape costs seconds, not a file.
 
+`--quant fp16i8,bf16i8` adds, for each shape and backend, the int8 strategies (engine/model/quant.py: int8
+matrices quantized from the same weights on the device, the Triton product of kernels/quant_triton.py) as rows
+beside the float one, each against its own weight-read bound (the int8 model reads about half the bytes), and
+a last line per shape comparing their decode with the float row's. `--no-wkv` skips the WKV kernels alone.
+
 `--device cpu --shapes tiny --backends chunked` runs the same code on a CPU, to check the script itself (the
-"graphs" figures are then the same static step run eagerly). `goose bench engine --device cuda ...` runs this.
-Issue #17's targets (one H200): 7.2B fp16 B=1 decode >= 60% of the bound, B=256 >= 5,000 tok/s, prefill
->= 10,000 tok/s.
+"graphs" figures are then the same static step run eagerly; `--quant bf16i8` is then the CPU's native product).
+`goose bench engine --device cuda ...` runs this. Issue #17's targets (one H200): 7.2B fp16 B=1 decode >= 60% of
+the bound, B=256 >= 5,000 tok/s, prefill >= 10,000 tok/s.
 """
 from __future__ import annotations
 
@@ -77,6 +82,12 @@ def copy_bandwidth(device: torch.device) -> float:
 def weight_read_bytes(sd: dict[str, torch.Tensor]) -> int:
     """Bytes a decode step reads: every weight except the embedding table (one row per token)."""
     return sum(t.numel() * t.element_size() for k, t in sd.items() if k != "emb.weight")
+
+
+def model_read_bytes(model: RWKV7) -> int:
+    """weight_read_bytes of a loaded model, as it holds its weights (int8 matrices count their codes and scales)."""
+    from bench.engine import weight_bytes_per_token
+    return weight_bytes_per_token(model)
 
 
 def bench_model(model: RWKV7, device, T: int, batches: list[int], steps: int) -> dict:
@@ -165,6 +176,38 @@ def fmt(x) -> str:
     return f"{x:,.0f}" if isinstance(x, float) else str(x)
 
 
+def report_model(model: RWKV7, label: str, device, args, batches: list[int], bound: float) -> tuple[float, dict]:
+    """Measure one model (prefill, eager decode, graphed decode), print its two lines; (prefill, graphed)."""
+    res = bench_model(model, device, args.prefill, batches, args.steps)
+    prefill = res.pop("prefill")
+    cells = [f"prefill {fmt(prefill)} tok/s"]
+    cells += [f"{k} {fmt(v)} tok/s ({100 * v / (bound * int(k[2:])):.0f}% of bound)" for k, v in res.items()]
+    print(f"  {label} eager  " + " | ".join(cells), flush=True)
+    graphed = {B: bench_graphs(model, device, B, args.steps) for B in batches}
+    print(f"  {label} graphs " + " | ".join(
+        f"B={B} {fmt(v)} tok/s ({100 * v / (bound * B):.0f}% of bound)" for B, v in graphed.items()), flush=True)
+    return prefill, graphed
+
+
+def report_quantized(sd, config, shape_name: str, device, args, batches: list[int], float_rows: dict,
+                     bandwidth: float) -> None:
+    """The --quant strategies on the shape's weights, each backend beside the float row of the same backend."""
+    for quant_name in args.quant.split(","):
+        strategy = parse_strategy(f"{args.device} {quant_name}")
+        for backend in args.backends.split(","):
+            t0 = time.perf_counter()
+            model = RWKV7(sd, config, strategy, wkv_backend=backend, name=shape_name, native_kernels=False)
+            bound = bandwidth / model_read_bytes(model)
+            print(f"  {quant_name} {backend}: {model_read_bytes(model) / 1e9:.2f} GB read per step, bound "
+                  f"{bound:,.1f} steps/s, product {model.linear_backend}, quantized in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            prefill, graphed = report_model(model, f"{quant_name:6s} {backend:8s}", device, args, batches, bound)
+            f_prefill, f_graphed = float_rows[backend]
+            print(f"  {quant_name} {backend} / {args.dtype}: prefill {prefill / f_prefill:.2f}x, " + ", ".join(
+                f"B={B} decode {graphed[B] / f_graphed[B]:.2f}x" for B in batches), flush=True)
+            del model
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="0.1b,1.5b,7.2b")
@@ -174,8 +217,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed run")
     ap.add_argument("--backends", default="triton,chunked")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quant", default="", help="int8 strategies to add as rows, e.g. fp16i8,bf16i8")
+    ap.add_argument("--no-wkv", action="store_true", help="skip the WKV kernels alone")
     args = ap.parse_args(argv)
     strategy = parse_strategy(f"{args.device} {args.dtype}")
+    for quant_name in filter(None, args.quant.split(",")):   # a bad --quant fails before anything is measured
+        parse_strategy(f"{args.device} {quant_name}")
     prepare_device(strategy)
     device, dtype = strategy.device, strategy.dtype
     batches = [int(b) for b in args.batches.split(",")]
@@ -192,22 +239,19 @@ def main(argv=None) -> int:
         print(f"\n== {shape_name}: L{config.n_layer} C{config.n_embd} H{config.n_head}, "
               f"{weight_read_bytes(sd) / 1e9:.2f} GB read per step; weight-read bound {bound:,.1f} steps/s "
               f"(B x that tok/s); made in {time.perf_counter() - t0:.1f} s", flush=True)
+        float_rows = {}
         for backend in args.backends.split(","):
             model = RWKV7(sd, config, strategy, wkv_backend=backend, name=shape_name, native_kernels=False)
-            res = bench_model(model, device, args.prefill, batches, args.steps)
-            prefill = res.pop("prefill")
-            cells = [f"prefill {fmt(prefill)} tok/s"]
-            cells += [f"{k} {fmt(v)} tok/s ({100 * v / (bound * int(k[2:])):.0f}% of bound)" for k, v in res.items()]
-            print(f"  model {backend:8s} eager  " + " | ".join(cells), flush=True)
-            graphed = {B: bench_graphs(model, device, B, args.steps) for B in batches}
-            print(f"  model {backend:8s} graphs " + " | ".join(
-                f"B={B} {fmt(v)} tok/s ({100 * v / (bound * B):.0f}% of bound)" for B, v in graphed.items()),
-                flush=True)
+            prefill, graphed = report_model(model, f"model {backend:8s}", device, args, batches, bound)
+            float_rows[backend] = prefill, graphed
             if shape_name == "7.2b":
                 targets.append((backend, prefill, graphed, bound))
             del model
-        ker = bench_kernels(config.n_head, config.head_size, args.prefill, max(batches), dtype, device)
-        print("  wkv alone: " + " | ".join(f"{k} {fmt(v)} tok/s" for k, v in ker.items()), flush=True)
+        if args.quant:
+            report_quantized(sd, config, shape_name, device, args, batches, float_rows, bandwidth)
+        if not args.no_wkv:
+            ker = bench_kernels(config.n_head, config.head_size, args.prefill, max(batches), dtype, device)
+            print("  wkv alone: " + " | ".join(f"{k} {fmt(v)} tok/s" for k, v in ker.items()), flush=True)
         del sd
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -30,7 +30,7 @@ class ModelSettings:
     tokenizer: str = "models/rwkv7-austen/tokenizer.json"
     """"world" for RWKV World models, or a path to tokenizer.json / rwkv_vocab_*.txt / a directory."""
     strategy: str = "cpu fp32"
-    """Device and matmul dtype: cpu fp32, cpu bf16, cpu fp32i8, cpu bf16i8, cpu fp32i4, cpu bf16i4 (int8/int4 weights), cuda fp16, cuda bf16, cuda fp32, cuda:N <dtype>."""
+    """Device and matmul dtype: cpu fp32, cpu bf16, cpu fp32i8, cpu bf16i8, cpu fp32i4, cpu bf16i4 (int8/int4 weights), cuda fp16, cuda bf16, cuda fp32, cuda fp16i8, cuda bf16i8 (int8 weights), cuda:N <dtype>."""
     wkv_backend: str = "chunked"
     """WKV-7 kernel where the native CPU kernels are off (CUDA, GOOSE_NATIVE_KERNELS=0): chunked or reference for prompts, the single-token step for decode; triton (CUDA, the cuda extra) runs kernels/wkv7_triton.py for both. reference and triton also turn the native kernels off."""
     initial_states: dict[str, str] = field(default_factory=dict)

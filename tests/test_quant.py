@@ -138,14 +138,29 @@ def test_quantized_strategies_parse(text):
     assert s.quant in ("i8", "i4") and s.text == text.strip()
 
 
+@pytest.mark.parametrize("text", ["cuda fp16i8", "cuda bf16i8", "cuda:1 fp16i8", " cuda:0 bf16i8 "])
+def test_cuda_int8_strategies_parse(text):
+    s = parse_strategy(text)
+    assert s.quant == "i8" and s.device.type == "cuda" and s.text == text.strip()
+    assert s.dtype == (torch.float16 if "fp16" in text else torch.bfloat16)
+
+
 @pytest.mark.parametrize("text,hint", [
-    ("cuda fp16i8", "CPU only"), ("cuda:1 bf16i4", "CPU only"), ("cpu fp16i8", "cpu bf16"),
+    ("cuda:1 bf16i4", "int4 weights \\(i4\\) are implemented for the CPU only"), ("cuda fp16i4", "CPU only"),
+    ("cuda fp32i8", "int8 weights on CUDA take fp16 or bf16 activations"), ("cpu fp16i8", "cpu bf16"),
     ("cpu fp32i3", "valid forms"), ("cpu i8", "valid forms"), ("cpu fp32 i8", "valid forms"),
 ])
 def test_impossible_quantized_strategies_are_refused(quant_pth, text, hint):
     with pytest.raises(ModelLoadError, match=hint) as info:
         load_model(quant_pth, text)
     assert "cpu fp32i8" in str(info.value) and "cpu bf16i4" in str(info.value)
+    assert "cuda fp16i8" in str(info.value) and "cuda bf16i8" in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_int8_strategy_without_cuda(quant_pth):
+    with pytest.raises(ModelLoadError, match="'cuda bf16i8' asks for CUDA, but torch sees no CUDA device"):
+        load_model(quant_pth, "cuda bf16i8")
 
 
 _RSS_SCRIPT = """

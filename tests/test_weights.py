@@ -181,7 +181,7 @@ def test_valid_strategies(text):
 
 @pytest.mark.parametrize("text,hint", [
     ("cpu fp64", "valid forms"), ("gpu fp16", "valid forms"), ("cpu fp16", "cpu bf16"),
-    ("cuda fp16 *10 -> cpu fp32", "layer-split"), ("cuda fp16i8", "CPU only"), ("", "valid forms"),
+    ("cuda fp16 *10 -> cpu fp32", "layer-split"), ("cuda fp16i4", "CPU only"), ("", "valid forms"),
 ])
 def test_invalid_strategies(tiny_pth, text, hint):
     with pytest.raises(ModelLoadError, match=hint) as info:

@@ -199,7 +199,8 @@ for _x in "wavg":
 # what Goose reads, and which quantized type each quantized strategy keeps as it is (engine/model/quant.py)
 LOADABLE_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0")
 KEPT_TYPE = {"i8": "Q8_0", "i4": "Q4_0"}
-_STRATEGIES = {"i8": "'cpu fp32i8' or 'cpu bf16i8'", "i4": "'cpu fp32i4' or 'cpu bf16i4'"}
+_STRATEGIES = {"i8": "'cpu fp32i8' or 'cpu bf16i8' (on a GPU 'cuda fp16i8' or 'cuda bf16i8')",
+               "i4": "'cpu fp32i4' or 'cpu bf16i4'"}
 
 
 class GGUFCheckpoint:

@@ -35,7 +35,8 @@ from engine.model.quant import Int4Weight, Int8Weight
 
 FORMAT, VERSION = "rwkv7-quantized", "2"
 KINDS = {"i8": "int8", "i4": "int4"}                   # strategy suffix / --dtype -> goose.quantization
-STRATEGIES = {"int8": ("cpu fp32i8", "cpu bf16i8"), "int4": ("cpu fp32i4", "cpu bf16i4")}
+STRATEGIES = {"int8": ("cpu fp32i8", "cpu bf16i8", "cuda fp16i8", "cuda bf16i8"),
+              "int4": ("cpu fp32i4", "cpu bf16i4")}
 _SCALES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -1,4 +1,5 @@
-"""Weight-only quantized products for the CPU strategies "fp32i8", "bf16i8", "fp32i4" and "bf16i4".
+"""Weight-only quantized products for the CPU strategies "fp32i8", "bf16i8", "fp32i4" and "bf16i4", and the CUDA
+strategies "fp16i8" and "bf16i8".
 
 What is quantized: the projections (receptance, key, value, output), the FFN (key, value) and the head, i.e. all
 but ~1-2% of a model's weight bytes; the LoRA factors, the embedding and every vector stay float (they are small,
@@ -32,10 +33,18 @@ of N by thread CPU time, 2026-12-03; the command prints the whole table):
 For bf16 rows the dense path widens them to fp32: torch's bf16 matmul on a dequantized bf16 weight was 2-6x slower
 than oneDNN's fp32 one on this CPU (no AVX-512 BF16). Without the native library (no compiler,
 GOOSE_NATIVE_KERNELS=0) every product goes through the dequantized float path (correct, slower at few rows).
+
+On CUDA ("cuda fp16i8", "cuda bf16i8") the weights take the same Int8Weight form on the device (float matrices are
+quantized on the CPU by chunks of rows and each chunk's codes moved over, so the device never holds a float copy;
+GGUF Q8_0 and quantized files keep their codes and scales) and the product is a Triton kernel
+(kernels/quant_triton.py: int8 tiles widened in registers, fp32 sums, no host sync, so CUDA graphs capture it).
+Where triton does not import, the weight is dequantized to the activation dtype per call and multiplied by F.linear:
+correct, slower, and a float copy of one matrix at a time. Neither has been measured on a GPU yet (bench/gpu.py).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass
 
@@ -52,6 +61,8 @@ GROUP_SIZE = 64          # int4 columns per (scale, zero); see the README's qual
 DENSE_ROWS = 64          # rows of x above which the weight is dequantized into the float product (measured above)
 CHUNK_ROWS = 2048        # rows quantized at once
 _BF16 = torch.bfloat16
+TRITON_DEVICES = ("cuda",)   # device types whose int8 product is the Triton kernel; tests add "cpu" (interpreter)
+log = logging.getLogger("goose.engine")
 
 
 def _check_scales(what: str, t: torch.Tensor | None, n: int, groups: int) -> None:
@@ -129,32 +140,45 @@ QuantizedWeight = (Int8Weight, Int4Weight)
 
 
 def _dequantize(w, dtype: torch.dtype) -> torch.Tensor:
-    """W as a contiguous float matrix: natively (multithreaded) when the library loads, else in torch."""
-    if native_build.available() and dtype in (torch.float32, _BF16):
+    """W as a contiguous float matrix: natively (multithreaded) for CPU weights when the library loads, else in
+    torch, CHUNK_ROWS rows at a time (the fp32 temporaries stay small beside the result: on a GPU, the torch
+    fallback of the int8 product dequantizes every call)."""
+    if native_build.available() and dtype in (torch.float32, _BF16) and w.codes.device.type == "cpu":
         return quant_dequantize(*w.parts(), dtype)
-    bits, codes, scales, zeros, group, k = w.parts()
+    out = torch.empty(w.shape, dtype=dtype, device=w.codes.device)
+    for i in range(0, out.shape[0], CHUNK_ROWS):
+        out[i:i + CHUNK_ROWS] = _dequantize_rows(w.parts(), slice(i, i + CHUNK_ROWS))
+    return out
+
+
+def _dequantize_rows(parts: tuple, rows: slice) -> torch.Tensor:
+    """Rows of W in fp32, in torch ops, from a weight's parts()."""
+    bits, codes, scales, zeros, group, k = parts
+    codes = codes[rows]
     if bits == 8:
         q = codes.float()
     else:                                    # [N, blocks, 16] bytes -> [N, blocks, 32] codes - 8
         b = codes.view(codes.shape[0], -1, 16)
         q = torch.cat((b & 15, b >> 4), dim=2).reshape(codes.shape[0], -1)[:, :k].float() - 8
-    out = q * scales.float().repeat_interleave(group, 1)[:, :k]
+    out = q * scales[rows].float().repeat_interleave(group, 1)[:, :k]
     if zeros is not None:
-        out += zeros.float().repeat_interleave(group, 1)[:, :k]
-    return out.to(dtype)
+        out += zeros[rows].float().repeat_interleave(group, 1)[:, :k]
+    return out
 
 
-def quantize_int8(w: torch.Tensor) -> Int8Weight:
+def quantize_int8(w: torch.Tensor, device: torch.device | str = "cpu") -> Int8Weight:
     """w [N, K] float -> int8 codes with one fp32 scale per row, CHUNK_ROWS rows at a time (the fp32 temporaries
-    stay a few MB, so loading never holds more than one float matrix plus its codes)."""
+    stay a few MB, so loading never holds more than one float matrix plus its codes). The rows are quantized where
+    w is and the codes and scales written on ``device``: a CPU checkpoint quantized for a GPU sends it int8 chunks,
+    never a float matrix."""
     N, K = w.shape
-    q = torch.empty(N, K, dtype=torch.int8)
-    scale = torch.empty(N, 1, dtype=torch.float32)
+    q = torch.empty(N, K, dtype=torch.int8, device=device)
+    scale = torch.empty(N, 1, dtype=torch.float32, device=device)
     for i in range(0, N, CHUNK_ROWS):
         rows = w[i:i + CHUNK_ROWS].to(torch.float32, copy=True)      # scaled in place below
         s = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp_(min=1e-12)
-        scale[i:i + CHUNK_ROWS] = s
-        q[i:i + CHUNK_ROWS] = rows.div_(s).round_().clamp_(-127, 127)
+        scale[i:i + CHUNK_ROWS].copy_(s)                               # to ``device`` (and int8) as they are
+        q[i:i + CHUNK_ROWS].copy_(rows.div_(s).round_().clamp_(-127, 127))
     return Int8Weight(q, scale, K)
 
 
@@ -225,21 +249,71 @@ def kind_of(w) -> str | None:
 def select_quantized(kind: str, device: torch.device, float_linear: Linear) -> Linear:
     """The product for the big matrices of a strategy ("i8" or "i4"): prepare() quantizes a float weight and keeps
     an already quantized one of the same kind (a GGUF Q8_0/Q4_0 matrix); fn() multiplies a quantized one with the
-    kernels above and a float one (a family left out of QUANTIZED) with ``float_linear``."""
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"quantized weights ({kind}) are implemented for the CPU only, not {device}")
+    kernels above and a float one (a family left out of QUANTIZED) with ``float_linear``. On CUDA (TRITON_DEVICES)
+    only "i8" exists, through the Triton product (module doc)."""
+    device = torch.device(device)
     if kind not in QUANT_KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANT_KINDS)}")
+    if device.type in TRITON_DEVICES:
+        return _select_int8_triton(kind, device, float_linear)
+    if device.type != "cpu":
+        raise ValueError(f"quantized weights ({kind}) are implemented for the CPU and CUDA only, not {device}")
     quantize = quantize_int8 if kind == "i8" else functools.partial(quantize_int4, group=GROUP_SIZE)
-    float_fn = float_linear.fn
+    return _quantized_linear("int8" if kind == "i8" else "int4", quantized_product, float_linear,
+                             _preparer(kind, quantize, keep=lambda w: w))
 
+
+def _select_int8_triton(kind: str, device: torch.device, float_linear: Linear) -> Linear:
+    """select_quantized on a GPU: int8 weights on ``device`` (quantized on the CPU chunk by chunk, or moved as
+    stored), multiplied by the Triton kernel."""
+    if kind != "i8":
+        raise ValueError(f"quantized weights ({kind}) are implemented on {device.type} for int8 (i8) only; "
+                         f"use an fp16i8 or bf16i8 strategy there, or a cpu ...{kind} one")
+    name, product = _device_int8_product()
+    prepare = _preparer(kind, functools.partial(quantize_int8, device=device), keep=lambda w: to_device(w, device))
+    return _quantized_linear(name, product, float_linear, prepare)
+
+
+def _preparer(kind: str, quantize, keep):
+    """prepare(w) for a strategy of ``kind``: a float matrix quantized, a stored one of the same kind kept (as
+    ``keep`` puts it), the other kind refused (quantizing twice would stack two roundings)."""
     def prepare(w):
         if kind_of(w) == kind:
-            return w
+            return keep(w)
         if kind_of(w) is not None:
             raise ValueError(f"a {kind_of(w)} weight cannot serve an {kind} strategy")
         return quantize(w)
+    return prepare
+
+
+def _quantized_linear(name: str, product, float_linear: Linear, prepare) -> Linear:
+    """A Linear whose fn multiplies quantized weights with ``product`` and float ones with ``float_linear``."""
+    float_fn = float_linear.fn
 
     def fn(x: torch.Tensor, w) -> torch.Tensor:
-        return quantized_product(x, w) if isinstance(w, QuantizedWeight) else float_fn(x, w)
-    return Linear("int8" if kind == "i8" else "int4", fn, prepare)
+        return product(x, w) if isinstance(w, QuantizedWeight) else float_fn(x, w)
+    return Linear(name, fn, prepare)
+
+
+def to_device(w: Int8Weight, device: torch.device) -> Int8Weight:
+    """A stored int8 weight (a GGUF Q8_0 matrix, a quantized file's) moved to ``device`` as it is."""
+    return Int8Weight(w.codes.to(device), w.scales.to(device), w.group)
+
+
+def dequantized_product(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """The int8 product without Triton: W dequantized to x's dtype, then F.linear. The Triton kernel's numbers
+    within x's rounding (it keeps the scale in fp32), at the cost of a float copy of W per call."""
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} columns but the int8 weight {list(w.shape)} takes {w.shape[1]}")
+    return F.linear(x, w.dequantize(x.dtype))
+
+
+def _device_int8_product():
+    """(name, fn(x, Int8Weight)): the Triton kernel, or dequantized_product where triton does not import."""
+    try:
+        from kernels.quant_triton import int8_matmul_triton
+    except ImportError as exc:
+        log.warning("int8 products on the GPU run dequantize + F.linear (slower): triton does not import (%s); "
+                    "pip install triton", exc)
+        return "int8-torch", dequantized_product
+    return "int8-triton", lambda x, w: int8_matmul_triton(x, w.codes, w.scales, w.group)

@@ -60,7 +60,7 @@ class RWKV7:
 
         def mat(key: str):                                  # quantized in fp32 by chunks of rows
             if quant.kind_of(sd[key]) is not None:          # stored quantized (a goose convert --dtype i8/i4 file, a
-                return sd[key]                              # GGUF's Q8_0/Q4_0): used as it is
+                return proj.prepare(sd[key])                # GGUF's Q8_0/Q4_0): used as it is, on the model's device
             if quant.family(key) in quantized:
                 prepared = proj.prepare(sd[key])
                 release_pages(sd[key])                      # the float matrix is not read again (allocator.py)

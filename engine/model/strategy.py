@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 VALID_FORMS = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu fp32i4", "cpu bf16i4",
-               "cuda fp16", "cuda bf16", "cuda fp32", "cuda:N <dtype>")
+               "cuda fp16", "cuda bf16", "cuda fp32", "cuda fp16i8", "cuda bf16i8", "cuda:N <dtype>")
+CUDA_QUANTIZED = ("cuda fp16i8", "cuda bf16i8")   # int8 weights on CUDA: the Triton product (kernels/quant_triton.py)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PATTERN = re.compile(r"^\s*(cpu|cuda(?::(\d+))?)\s+(fp32|bf16|fp16)(i8|i4)?\s*$")
 
@@ -17,7 +18,8 @@ _PATTERN = re.compile(r"^\s*(cpu|cuda(?::(\d+))?)\s+(fp32|bf16|fp16)(i8|i4)?\s*$
 class Strategy:
     """Where the model runs and the dtype of its activations; the recurrent state and norms are always fp32.
     quant: None (float weights in ``dtype``), "i8" (int8 per output channel) or "i4" (4-bit in groups) for the
-    projections, the FFN and the head (engine/model/quant.py says which matrices and why)."""
+    projections, the FFN and the head (engine/model/quant.py says which matrices and why); on CUDA only "i8" with
+    fp16 or bf16 activations."""
     device: torch.device
     dtype: torch.dtype
     text: str
@@ -43,10 +45,21 @@ def parse_strategy(text: str) -> Strategy:
         raise ValueError(f"invalid strategy {text!r}: fp16 matmuls on the CPU are slow and lossy; "
                          f"use 'cpu bf16' or 'cpu fp32'. Valid forms: {', '.join(VALID_FORMS)}")
     if quant and device_text != "cpu":
-        raise ValueError(f"invalid strategy {text!r}: quantized weights ({quant}) are implemented for the CPU "
-                         f"only so far; valid forms: {', '.join(VALID_FORMS)}")
+        _check_cuda_quantized(text, dtype_text, quant)
     return Strategy(device=torch.device(device_text), dtype=_DTYPES[dtype_text],
                     text=f"{device_text} {dtype_text}{quant or ''}", quant=quant)
+
+
+def _check_cuda_quantized(text: str, dtype_text: str, quant: str) -> None:
+    """On CUDA only int8 with fp16/bf16 activations exists: int4 has no GPU kernel yet, and fp32 activations would
+    multiply int8 weights on the slow fp32 path for no gain over 'cuda fp32'."""
+    valid = (f"quantized forms on CUDA: {', '.join(CUDA_QUANTIZED)} (or cuda:N ...); "
+             f"valid forms: {', '.join(VALID_FORMS)}")
+    if quant != "i8":
+        raise ValueError(f"invalid strategy {text!r}: int4 weights ({quant}) are implemented for the CPU only so far; "
+                         f"{valid}")
+    if dtype_text == "fp32":
+        raise ValueError(f"invalid strategy {text!r}: int8 weights on CUDA take fp16 or bf16 activations; {valid}")
 
 
 def prepare_device(strategy: Strategy) -> None:
