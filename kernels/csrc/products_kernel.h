@@ -87,8 +87,15 @@ void rows_kernel(const MatRef &w, const float *x, int64_t ldx, const float *xsum
     const int64_t groups = quant ? (K + w.G - 1) / w.G : 1;
     // K's last partial block: int4 rows hold whole blocks (x is zero there), other forms end at K
     const int64_t body = KIND == goose::kWeightI4 ? (K + 31) / 32 * 32 : K / 32 * 32;
+    // quantized weights: the scales (and zeros) are streams of their own beside the codes, fetched a few rows
+    // ahead (products_cpu.cpp's int4 kernel measures why)
+    const int64_t scale_bytes = w.scale_stride * (w.scale_dtype == goose::kScaleF32 ? 4 : 2);
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t *row = base + n * w.row_bytes;
+        if (quant && n + 16 < n1) {
+            __builtin_prefetch(static_cast<const char *>(w.scales) + (n + 16) * scale_bytes);
+            if (w.zeros) __builtin_prefetch(static_cast<const char *>(w.zeros) + (n + 16) * scale_bytes);
+        }
         float total[M];
         if (!quant || groups == 1) {
             constexpr int U = M == 1 ? 2 : 1;
