@@ -82,6 +82,8 @@ class _Lib:
         lib.goose_gemv.argtypes = [i64, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ctypes.c_int]
         lib.goose_gemv.restype = None
         self.gemv = lib.goose_gemv
+        lib.goose_packed_layouts_readable.restype = ctypes.c_int
+        self.packed_layouts_readable = bool(lib.goose_packed_layouts_readable())
         lib.goose_decode_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr]
         lib.goose_decode_step.restype = ctypes.c_int
         self.decode_step = lib.goose_decode_step

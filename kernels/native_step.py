@@ -6,9 +6,10 @@ each a dispatch and a thread fork/join; with quantized weights that overhead was
 model's tensors are described once, at load, by ctypes structs mirroring the C ones (``MatRef``, ``LayerRef``,
 ``ModelRef``); a step passes the tokens, the state's per-layer rows and the logits buffer.
 
-Weights the step reads: plain contiguous float32/bfloat16 matrices [out, in] and the quantized forms of
-engine/model/quant.py (passed as their parts: codes, scales, zeros, group). Raises NativeUnavailable without the
-library, ValueError for a weight it cannot read (a oneDNN-packed matrix): the caller keeps its torch path then.
+Weights the step reads: plain contiguous float32/bfloat16 matrices [out, in], the quantized forms of
+engine/model/quant.py (passed as their parts: codes, scales, zeros, group), and oneDNN-packed float matrices whose
+layout was checked at load (packed_layout). Raises NativeUnavailable without the library, ValueError for a weight
+it cannot read: the caller keeps its torch path then.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import ctypes
 
 import torch
 
-from kernels.native_build import load_for_head_size
+from kernels.native_build import load, load_for_head_size
 
 __all__ = ["DecodeStep", "STEP_ROWS", "MatRef"]
 
@@ -24,7 +25,8 @@ STEP_ROWS = 4           # most sequences per step call: the kernels multiply eac
 
 _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SCALE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-F32, BF16, I8, I4 = 0, 1, 2, 3
+F32, BF16, I8, I4, F32_BLOCKED, BF16_PAIRS = 0, 1, 2, 3, 4, 5
+_CHECK_BLOCKS = 256      # blocks compared at a time when a packed layout is checked
 
 
 class MatRef(ctypes.Structure):
@@ -46,9 +48,65 @@ class ModelRef(ctypes.Structure):
                 ("log_decay_scale", _f32), ("unused", _f32)]
 
 
-def mat_ref(w, keep: list, what: str, shape: tuple[int, int] | None = None) -> MatRef:
-    """A MatRef for a plain float32/bfloat16 matrix or a quantized weight (anything with ``parts()``); the tensors
-    it points into are appended to ``keep``."""
+class PackedLayout(tuple):
+    """(kind, rows a block, bytes a block) of a oneDNN-packed matrix whose layout the kernels read."""
+
+
+def packed_layout(packed: torch.Tensor, plain: torch.Tensor) -> PackedLayout | None:
+    """The layout of ``packed`` (oneDNN's own, from engine/model/linear.py's onednn_pack of ``plain``) if it is one
+    the native kernels read on this CPU, checked value for value against ``plain``; None otherwise.
+
+    Why: oneDNN's packed layout makes batched and prompt products ~15-20% faster than plain weights, but it is
+    opaque to torch. On AVX-512 CPUs it is, for fp32, blocks of G output rows laid out [K'][G], and for bf16, blocks
+    [K' / 2][G][2] (pairs of columns), K' being K or K padded by a few columns; the single-token step reads those directly, so one copy of the
+    weights serves both. The layout is a choice of oneDNN's (it may change with the CPU, the shape or the
+    version), hence the check of every value (and of the padding) before it is trusted; a check costs one read
+    of both copies, at load."""
+    try:
+        lib = load()
+    except Exception:                                       # no native library: nothing reads the layout
+        return None
+    if not lib.packed_layouts_readable or not packed.is_mkldnn or plain.dim() != 2 \
+            or plain.dtype not in (torch.float32, torch.bfloat16) or not hasattr(torch.ops.mkldnn, "data_ptr"):
+        return None
+    N, K = plain.shape
+    nbytes = int(torch.ops.mkldnn._nbytes(packed))
+    pairs = plain.dtype == torch.bfloat16
+    for G in (64, 48, 32, 16):          # rows a block; the columns may be padded too (fp32 [192, 500]: to 512)
+        nb = -(-N // G)
+        Kp, rest = divmod(nbytes, nb * G * plain.element_size())
+        if rest == 0 and K <= Kp < K + 64 and not (pairs and Kp % 2):
+            break
+    else:
+        return None
+    raw = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed)),
+                           dtype=torch.int16 if pairs else torch.int32).view(nb, -1)
+    bits = plain.contiguous().view(torch.int16 if pairs else torch.int32)
+    for b0 in range(0, nb, _CHECK_BLOCKS):
+        b1 = min(nb, b0 + _CHECK_BLOCKS)
+        rows = torch.zeros((b1 - b0) * G, Kp, dtype=bits.dtype)
+        rows[:min(N, b1 * G) - b0 * G, :K] = bits[b0 * G:b1 * G]
+        want = (rows.view(b1 - b0, G, Kp // 2, 2).permute(0, 2, 1, 3) if pairs
+                else rows.view(b1 - b0, G, Kp).transpose(1, 2))
+        if not torch.equal(raw[b0:b1], want.reshape(b1 - b0, -1)):
+            return None
+    return PackedLayout((BF16_PAIRS if pairs else F32_BLOCKED, G, nbytes // nb))
+
+
+def mat_ref(w, keep: list, what: str, shape: tuple[int, int] | None = None,
+            layouts: dict | None = None) -> MatRef:
+    """A MatRef for a plain float32/bfloat16 matrix, a quantized weight (anything with ``parts()``) or a
+    oneDNN-packed matrix whose layout ``layouts`` holds (by its data pointer, from packed_layout); the tensors it
+    points into are appended to ``keep``."""
+    if isinstance(w, torch.Tensor) and w.is_mkldnn and layouts:
+        layout = layouts.get(torch.ops.mkldnn.data_ptr(w))
+        if layout is not None:
+            kind, G, block_bytes = layout
+            keep.append(w)
+            ref = MatRef(kind, 0, w.shape[0], w.shape[1], G, torch.ops.mkldnn.data_ptr(w), block_bytes, None, None, 0)
+            if shape is not None and (ref.N, ref.K) != shape:
+                raise ValueError(f"{what}: shape [{ref.N}, {ref.K}], expected {list(shape)}")
+            return ref
     if hasattr(w, "parts"):
         bits, codes, scales, zeros, group, k = w.parts()
         for t in (codes, scales, zeros):
@@ -84,7 +142,7 @@ class DecodeStep:
     and ``layers`` (engine/model/layers.py LayerWeights; the LoRA factors as (plain, prepared) pairs)."""
 
     def __init__(self, *, n_head: int, head_size: int, emb: torch.Tensor, ln_out, head, layers, act_dtype,
-                 ln_eps: float, gn_eps: float, log_decay_scale: float):
+                 ln_eps: float, gn_eps: float, log_decay_scale: float, layouts: dict | None = None):
         self._lib = load_for_head_size(head_size)
         if act_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the native step runs float32 or bfloat16 activations, not {act_dtype}")
@@ -93,6 +151,9 @@ class DecodeStep:
         if H * N != C:
             raise ValueError(f"n_head x head_size = {H * N} is not the embedding width {C}")
         keep: list = []
+
+        def mat(w, what, shape):
+            return mat_ref(w, keep, what, shape, layouts)
 
         def vec(t: torch.Tensor, n: int, what: str) -> int:
             t = t.reshape(-1).to(torch.float32).contiguous()
@@ -128,9 +189,9 @@ class DecodeStep:
                 vec(lw.ln1[0], C, f"{p} ln1 weight"), vec(lw.ln1[1], C, f"{p} ln1 bias"),
                 vec(lw.att_mix, 6 * C, f"{p} time-mix mixes"), vec(lw.ln2[0], C, f"{p} ln2 weight"),
                 vec(lw.ln2[1], C, f"{p} ln2 bias"), vec(lw.ffn_mix, C, f"{p} FFN mix"),
-                mat_ref(lw.w_r, keep, f"{p} receptance", (C, C)), mat_ref(lw.w_k, keep, f"{p} key", (C, C)),
-                mat_ref(lw.w_v, keep, f"{p} value", (C, C)), mat_ref(lw.w_out, keep, f"{p} output", (C, C)),
-                mat_ref(lw.ffn_key, keep, f"{p} FFN key", (F, C)), mat_ref(lw.ffn_value, keep, f"{p} FFN value", (C, F)),
+                mat(lw.w_r, f"{p} receptance", (C, C)), mat(lw.w_k, f"{p} key", (C, C)),
+                mat(lw.w_v, f"{p} value", (C, C)), mat(lw.w_out, f"{p} output", (C, C)),
+                mat(lw.ffn_key, f"{p} FFN key", (F, C)), mat(lw.ffn_value, f"{p} FFN value", (C, F)),
                 *(lora[name] for name in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2")),
                 vec(lw.w0, C, f"{p} w0"), vec(lw.a0, C, f"{p} a0"),
                 vec(lw.v0, C, f"{p} v0") if has_value else None,
@@ -142,7 +203,7 @@ class DecodeStep:
         keep.append(emb)
         self._model = ModelRef(len(refs), C, H, N, F or 0, V, int(act_dtype == torch.bfloat16),
                                int(emb.dtype == torch.bfloat16), emb.data_ptr(), vec(ln_out[0], C, "ln_out weight"),
-                               vec(ln_out[1], C, "ln_out bias"), mat_ref(head, keep, "head", (V, C)),
+                               vec(ln_out[1], C, "ln_out bias"), mat(head, "head", (V, C)),
                                self._layers, ln_eps, gn_eps, log_decay_scale, 0.0)
         self._keep = keep               # every pointer above stays valid as long as this object lives
         self.L, self.C, self.H, self.N, self.V = len(refs), C, H, N, V

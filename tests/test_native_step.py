@@ -22,12 +22,24 @@ from tests.conftest import PARITY_SHAPES, rel_err
 pytestmark = pytest.mark.skipif(os.environ.get("GOOSE_NATIVE_KERNELS") == "0",
                                 reason="GOOSE_NATIVE_KERNELS=0 in the environment")
 
+def _packed_readable() -> bool:
+    """Whether this CPU's kernels read oneDNN's packed layouts (AVX-512) and this torch packs fp32 weights."""
+    from engine.model.linear import probe_onednn
+    from kernels.native_build import load
+    try:
+        return load().packed_layouts_readable and probe_onednn(torch.float32)[1]
+    except Exception:
+        return False
+
+
 # (strategy, linear backend, logits tolerance against the per-layer path). bf16 activations: both paths round the
 # same values to bf16, but a sum a few ulps apart can round the other way (a near-tie), hence the looser bound.
 # int4 on CPUs with AVX-512 VNNI rounds each product's x to int16 (products_cpu.cpp): float-rounding differences
 # between the paths' LoRA sums can move an element to the next int16 step, ~1e-4 of the logits.
 STRATEGIES = [("fp32", "plain", 2e-5), ("bf16", "plain", 3e-2), ("fp32i8", None, 2e-5), ("bf16i8", None, 3e-2),
               ("fp32i4", None, 1e-3), ("bf16i4", None, 3e-2)]
+if _packed_readable():
+    STRATEGIES += [("fp32", None, 2e-5), ("bf16", None, 3e-2)]     # oneDNN's packed weights, read in place
 
 
 @pytest.fixture(scope="module", params=["c192-f500-v0absent", "c128-n32-v0present"])
@@ -108,15 +120,37 @@ def test_the_step_stays_out_where_it_cannot_serve(checkpoint):
     assert calls == [1]
 
 
-def test_packed_weights_keep_the_per_layer_path(checkpoint):
-    """oneDNN's packed float weights are opaque: the step cannot read them, the model decodes as before."""
+def test_packed_weights_are_read_in_place_or_keep_the_per_layer_path(checkpoint):
+    """oneDNN's packed float weights (the default for float strategies): on CPUs whose kernels read the layout the
+    step uses them in place (checked value for value at load), elsewhere the model decodes per layer."""
     from engine.model.linear import probe_onednn
     if not probe_onednn(torch.float32)[1]:
         pytest.skip("this torch build cannot pack oneDNN weights")
     model = load_model(checkpoint, "cpu fp32")
-    assert model._step is None
-    with pytest.raises(ValueError, match="head: the step reads plain row-major matrices"):
-        native_step.mat_ref(model.head, [], "head")
+    assert (model._step is not None) == _packed_readable()
+    if model._step is None:
+        with pytest.raises(ValueError, match="head: the step reads plain row-major matrices"):
+            native_step.mat_ref(model.head, [], "head")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_layout_is_trusted_only_when_every_value_matches(dtype):
+    from engine.model.linear import onednn_pack, probe_onednn
+    if not (_packed_readable() and probe_onednn(dtype)[1]):
+        pytest.skip("oneDNN's packed layouts are not read on this CPU")
+    g = torch.Generator().manual_seed(4)
+    for N, K in ((192, 500), (777, 192), (5, 7), (100, 33)):
+        w = torch.randn(N, K, generator=g).to(dtype)
+        packed = onednn_pack(w)
+        layout = native_step.packed_layout(packed, w)
+        assert layout is not None and layout[1] % 16 == 0, (N, K)
+        other = w.clone()
+        other[N - 1, K - 1] += 1                       # one value off: the layout is not trusted
+        assert native_step.packed_layout(packed, other) is None
+        assert native_step.packed_layout(w, w) is None          # a plain tensor has no packed layout
+        # what the step is given for it (the model-level tests above check the products it computes)
+        ref = native_step.mat_ref(packed, [], "w", (N, K), {torch.ops.mkldnn.data_ptr(packed): layout})
+        assert ref.kind == (native_step.BF16_PAIRS if dtype == torch.bfloat16 else native_step.F32_BLOCKED)
 
 
 def test_the_step_refuses_bad_calls(checkpoint):

@@ -54,6 +54,7 @@ class RWKV7:
         self._proj = proj.fn
         self.linear_backend = linear.name if proj is linear else f"{proj.name} (LoRA: {linear.name})"
         quantized = quant.QUANTIZED if strategy.quant else ()
+        self._packed_layouts: dict = {}         # oneDNN-packed matrices the native step reads (native_step.py)
 
         def f32(key: str) -> torch.Tensor:
             return owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
@@ -65,7 +66,13 @@ class RWKV7:
                 prepared = proj.prepare(sd[key])
                 release_pages(sd[key])                      # the float matrix is not read again (allocator.py)
                 return prepared
-            return pack(sd[key].to(device=self.device, dtype=self.dtype).contiguous())
+            plain = sd[key].to(device=self.device, dtype=self.dtype).contiguous()
+            packed = pack(plain)
+            if packed is not plain and self.device.type == "cpu":
+                layout = native_step.packed_layout(packed, plain)      # the single-token step reads it too
+                if layout is not None:
+                    self._packed_layouts[torch.ops.mkldnn.data_ptr(packed)] = layout
+            return packed
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
             plain = owned(sd[key].to(device=self.device, dtype=self.dtype).t().contiguous(), sd[key])
@@ -142,7 +149,7 @@ class RWKV7:
             return native_step.DecodeStep(
                 n_head=cfg.n_head, head_size=cfg.head_size, emb=self.emb, ln_out=self.ln_out, head=self.head,
                 layers=self.layers, act_dtype=self.dtype, ln_eps=LN_EPS, gn_eps=GROUP_NORM_EPS,
-                log_decay_scale=LOG_DECAY_SCALE)
+                log_decay_scale=LOG_DECAY_SCALE, layouts=self._packed_layouts)
         except ValueError as exc:               # e.g. oneDNN-packed float weights: the per-layer path decodes
             log.debug("no native single-token step: %s", exc)
             return None

@@ -10,7 +10,11 @@
 
 namespace goose {
 
-enum WeightKind : int32_t { kWeightF32 = 0, kWeightBF16 = 1, kWeightI8 = 2, kWeightI4 = 3 };
+enum WeightKind : int32_t {
+    kWeightF32 = 0, kWeightBF16 = 1, kWeightI8 = 2, kWeightI4 = 3,
+    kWeightF32Blocked = 4,      // oneDNN's packed fp32 layout on AVX-512: [ceil(N / G)][K][G]
+    kWeightBF16Pairs = 5,       // oneDNN's packed bf16 layout on AVX-512: [ceil(N / G)][ceil(K / 2)][G][2]
+};
 enum ScaleDtype : int32_t { kScaleF32 = 0, kScaleBF16 = 1, kScaleF16 = 2 };
 
 // W [N, K] as the model holds it; kernels/native_step.py builds the same struct with ctypes (keep them equal).
@@ -18,6 +22,9 @@ enum ScaleDtype : int32_t { kScaleF32 = 0, kScaleBF16 = 1, kScaleF16 = 2 };
 //   int8: W[n, k] = q[n, k] * s[n, k / G]                      (codes int8 [N, K]; G = K: one scale a row)
 //   int4: W[n, k] = (q[n, k] - 8) * s[n, k / G] + z[n, k / G]  (zeros may be null; G a multiple of 32; codes
 //         [N, ceil(K / 32) * 16] uint8: per 32 columns, column j in the low nibble of byte j, j + 16 in the high)
+//   f32 blocked / bf16 pairs: the weights as oneDNN packs them for its own products (kernels/native_step.py checks
+//         the layout against the matrix at load), G output rows a block (a multiple of 16), row_bytes = bytes a
+//         block; rows past N are padding. Read on CPUs with AVX-512 only (the only layouts recognised).
 struct MatRef {
     int32_t kind, scale_dtype;
     int64_t N, K, G;

@@ -354,6 +354,92 @@ void rows_int4(const MatRef &w, int64_t M, const float *x, int64_t ldx, const fl
 }  // namespace avx512vnni
 #pragma GCC pop_options
 
+// oneDNN's packed float layouts (products.h): output rows in blocks of G, so one block is G sums at once, each
+// vector of weights multiplied with a broadcast x[k]: no horizontal sums, one contiguous stream per block.
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace avx512blocked {
+
+template <int M, int NV, bool PAIRS>
+void blocks(const MatRef &w, const float *x, int64_t ldx, void *y, bool y_bf16, int64_t ldy, int64_t b0, int64_t b1,
+            int64_t n0, int64_t n1, goose::Epilogue epilogue) {
+    const int64_t K = w.K, G = w.G;
+    for (int64_t b = b0; b < b1; ++b) {
+        const char *blk = static_cast<const char *>(w.data) + b * w.row_bytes;
+        __m512 acc[M][NV];
+        for (int m = 0; m < M; ++m)
+            for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+        if (!PAIRS) {
+            const float *p = reinterpret_cast<const float *>(blk);
+            for (int64_t k = 0; k < K; ++k, p += G)
+                for (int m = 0; m < M; ++m) {
+                    const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
+                    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16 * v), xv, acc[m][v]);
+                }
+        } else {            // 16 rows x 2 columns a vector: even lanes hold column 2 kp, odd lanes 2 kp + 1
+            const uint16_t *p = reinterpret_cast<const uint16_t *>(blk);
+            const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+            for (int64_t kp = 0; kp < (K + 1) / 2; ++kp, p += 2 * G) {
+                __m512 even[NV], odd[NV];
+                for (int v = 0; v < NV; ++v) {
+                    const __m512i raw = _mm512_loadu_si512(p + 32 * v);
+                    even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+                    odd[v] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+                }
+                for (int m = 0; m < M; ++m) {
+                    const __m512 x0 = _mm512_set1_ps(x[m * ldx + 2 * kp]);
+                    const __m512 x1 = _mm512_set1_ps(2 * kp + 1 < K ? x[m * ldx + 2 * kp + 1] : 0.f);
+                    for (int v = 0; v < NV; ++v)
+                        acc[m][v] = _mm512_fmadd_ps(odd[v], x1, _mm512_fmadd_ps(even[v], x0, acc[m][v]));
+                }
+            }
+        }
+        alignas(64) float out[M][16 * NV];
+        for (int m = 0; m < M; ++m)
+            for (int v = 0; v < NV; ++v) _mm512_store_ps(out[m] + 16 * v, acc[m][v]);
+        const int64_t lo = std::max(n0, b * G), hi = std::min(n1, (b + 1) * G);
+        for (int m = 0; m < M; ++m)
+            for (int64_t n = lo; n < hi; ++n) {
+                const float v = avx512::finish(out[m][n - b * G], epilogue);
+                if (y_bf16)
+                    static_cast<uint16_t *>(y)[m * ldy + n] = goose::to_bf16(v);
+                else
+                    static_cast<float *>(y)[m * ldy + n] = v;
+            }
+    }
+}
+
+template <int NV, bool PAIRS>
+void blocks_m(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y, bool y_bf16, int64_t ldy,
+              int64_t n0, int64_t n1, goose::Epilogue e) {
+    const int64_t b0 = n0 / w.G, b1 = (n1 + w.G - 1) / w.G, elem = y_bf16 ? 2 : 4;
+    for (int64_t m = 0; m < M; m += 4) {
+        const float *xm = x + m * ldx;
+        void *ym = static_cast<char *>(y) + m * ldy * elem;
+        switch (std::min<int64_t>(4, M - m)) {
+            case 1: blocks<1, NV, PAIRS>(w, xm, ldx, ym, y_bf16, ldy, b0, b1, n0, n1, e); break;
+            case 2: blocks<2, NV, PAIRS>(w, xm, ldx, ym, y_bf16, ldy, b0, b1, n0, n1, e); break;
+            case 3: blocks<3, NV, PAIRS>(w, xm, ldx, ym, y_bf16, ldy, b0, b1, n0, n1, e); break;
+            default: blocks<4, NV, PAIRS>(w, xm, ldx, ym, y_bf16, ldy, b0, b1, n0, n1, e); break;
+        }
+    }
+}
+
+// G = 16, 32, 48 or 64 rows a block (products.h)
+void rows_blocked(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y, bool y_bf16, int64_t ldy,
+                  int64_t n0, int64_t n1, goose::Epilogue e) {
+    const bool pairs = w.kind == goose::kWeightBF16Pairs;
+    switch (w.G / 16) {
+        case 1: pairs ? blocks_m<1, true>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e) : blocks_m<1, false>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e); break;
+        case 2: pairs ? blocks_m<2, true>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e) : blocks_m<2, false>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e); break;
+        case 3: pairs ? blocks_m<3, true>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e) : blocks_m<3, false>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e); break;
+        default: pairs ? blocks_m<4, true>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e) : blocks_m<4, false>(w, M, x, ldx, y, y_bf16, ldy, n0, n1, e); break;
+    }
+}
+
+}  // namespace avx512blocked
+#pragma GCC pop_options
+
 enum Isa { kPortable, kAvx2, kAvx512, kAvx512Vnni };
 
 Isa isa() {
@@ -379,6 +465,15 @@ namespace goose {
 void product_rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y, bool y_bf16, int64_t ldy,
                   int64_t n0, int64_t n1, Epilogue epilogue) {
     if (n1 <= n0 || M <= 0) return;
+    if (w.kind == kWeightF32Blocked || w.kind == kWeightBF16Pairs) {
+#if defined(GOOSE_X86_CLONES)
+        if (isa() >= kAvx512 && w.G % 16 == 0 && w.G >= 16 && w.G <= 64) {
+            avx512blocked::rows_blocked(w, M, x, ldx, y, y_bf16, ldy, n0, n1, epilogue);
+            return;
+        }
+#endif
+        std::abort();           // kernels/native_step.py only describes these layouts where this kernel runs
+    }
     if (w.kind == kWeightI8 && w.G % 32 != 0 && w.G < w.K) {
         for (int64_t m = 0; m < M; ++m)
             portable::rows_any_group<1>(w, x + m * ldx, ldx, static_cast<char *>(y) + m * ldy * (y_bf16 ? 2 : 4),
@@ -427,9 +522,23 @@ void product_team(const MatRef &w, int64_t M, const float *x, int64_t ldx, void 
 #endif
     // contiguous, equal shares of rows (rounded to 8 rows): each thread streams its own part of the matrix
     const int64_t per = (w.N + threads - 1) / threads;
-    const int64_t share = (per + 7) / 8 * 8;
+    const int64_t unit = (w.kind == kWeightF32Blocked || w.kind == kWeightBF16Pairs) ? w.G : 8;
+    const int64_t share = (per + unit - 1) / unit * unit;
     const int64_t n0 = std::min(w.N, t * share), n1 = std::min(w.N, n0 + share);
     product_rows(w, M, x, ldx, y, y_bf16, ldy, n0, n1, epilogue);
 }
 
 }  // namespace goose
+
+extern "C" {
+
+// 1 where the kernels read oneDNN's packed layouts (products.h: AVX-512), else 0.
+int goose_packed_layouts_readable() {
+#if defined(GOOSE_X86_CLONES)
+    return isa() >= kAvx512 ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+}  // extern "C"
