@@ -234,7 +234,8 @@ inline __m512 load16(const void *p, int dtype, int64_t at, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-template <int M>
+// PG: 0 for groups of 32, 1 for groups of 64, 2 for other multiples of 64
+template <int M, int PG>
 void rows_i4(const MatRef &w, const float *x, int64_t ldx, const float *xsum, int64_t groups, const int16_t *xq,
              const float *xscale, int64_t chunks, void *y, bool y_bf16, int64_t ldy, int64_t n0, int64_t n1,
              goose::Epilogue epilogue) {
@@ -284,7 +285,7 @@ void rows_i4(const MatRef &w, const float *x, int64_t ldx, const float *xsum, in
             const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv, zv);
             for (int m = 0; m < M; ++m)
                 off[m] = _mm512_fmadd_ps(shift, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g0), off[m]);
-            if (per_group == 0) {                       // groups of 32: lanes 0-7 are group 2c, 8-15 group 2c + 1
+            if (PG == 0) {                              // groups of 32: lanes 0-7 are group 2c, 8-15 group 2c + 1
                 const int64_t c0 = g0 / 2, c1 = std::min(chunks, (g0 + ng) / 2);
                 int64_t c = c0;
                 for (; c + 2 <= c1; c += 2) {
@@ -292,6 +293,22 @@ void rows_i4(const MatRef &w, const float *x, int64_t ldx, const float *xsum, in
                     span(c + 1, c + 2, _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * (c + 1 - c0))), sv), acc1);
                 }
                 if (c < c1) span(c, c + 1, _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * (c - c0))), sv), acc0);
+            } else if (PG == 1) {                       // groups of 64: one chunk a group, two groups at a time
+                const int64_t c1 = std::min(chunks, g0 + ng);
+                int64_t c = g0;
+                for (; c + 2 <= c1; c += 2) {
+                    __m512i s0[M], s1[M];
+                    for (int m = 0; m < M; ++m) s0[m] = s1[m] = _mm512_setzero_si512();
+                    dots(c, s0);
+                    dots(c + 1, s1);
+                    const __m512 f0 = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(c - g0)), sv);
+                    const __m512 f1 = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(c + 1 - g0)), sv);
+                    for (int m = 0; m < M; ++m) {
+                        acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0[m]), f0, acc0[m]);
+                        acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[m]), f1, acc1[m]);
+                    }
+                }
+                if (c < c1) span(c, c + 1, _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(c - g0)), sv), acc0);
             } else {
                 auto group = [&](int64_t gi, __m512 (&into)[M]) __attribute__((always_inline)) {
                     const int64_t g = g0 + gi;
@@ -327,6 +344,18 @@ void rows_i4(const MatRef &w, const float *x, int64_t ldx, const float *xsum, in
     }
 }
 
+template <int M>
+void by_group(const MatRef &w, const float *x, int64_t ldx, const float *xsum, int64_t groups, const int16_t *xq,
+              const float *xscale, int64_t chunks, void *y, bool y_bf16, int64_t ldy, int64_t n0, int64_t n1,
+              goose::Epilogue e) {
+    if (w.G == 32)
+        rows_i4<M, 0>(w, x, ldx, xsum, groups, xq, xscale, chunks, y, y_bf16, ldy, n0, n1, e);
+    else if (w.G == 64)
+        rows_i4<M, 1>(w, x, ldx, xsum, groups, xq, xscale, chunks, y, y_bf16, ldy, n0, n1, e);
+    else
+        rows_i4<M, 2>(w, x, ldx, xsum, groups, xq, xscale, chunks, y, y_bf16, ldy, n0, n1, e);
+}
+
 void rows_int4(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *xsum, int64_t groups, void *y,
                bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
     const int64_t chunks = (w.K + 31) / 32 / 2;
@@ -342,10 +371,10 @@ void rows_int4(const MatRef &w, int64_t M, const float *x, int64_t ldx, const fl
         void *ym = static_cast<char *>(y) + m * ldy * elem;
         quantize_x(xm, ldx, mt, chunks, q, xscale);
         switch (mt) {
-            case 1: rows_i4<1>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
-            case 2: rows_i4<2>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
-            case 3: rows_i4<3>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
-            default: rows_i4<4>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
+            case 1: by_group<1>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
+            case 2: by_group<2>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
+            case 3: by_group<3>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
+            default: by_group<4>(w, xm, ldx, sm, groups, q, xscale, chunks, ym, y_bf16, ldy, n0, n1, e); break;
         }
     }
     if (q != stack_q) std::free(q);
