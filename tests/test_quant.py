@@ -195,3 +195,25 @@ def test_rss_after_loading_holds_no_float_copy(tmp_path):
     got = json.loads(out.strip().splitlines()[-1])
     assert got["weights"] < 0.4 * float_bytes
     assert got["rss"] < got["weights"] + 0.15 * float_bytes, (got, float_bytes)
+
+
+@pytest.mark.parametrize("kind", ["i8", "i4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_dense_path_dequantizes_big_weights_by_chunks_of_rows(kind, dtype, monkeypatch):
+    """Many rows of x take the weight dequantized DENSE_CHUNK_BYTES at a time (a whole head would be fresh memory
+    every call); the chunks give the product of the whole weight, bf16 rows through oneDNN's bf16 GEMM where it is
+    native."""
+    x, w = _xw(40, 200, 330, seed=7)
+    qw = quant.quantize_int8(w) if kind == "i8" else quant.quantize_int4(w)
+    x = x.to(dtype)
+    monkeypatch.setattr(quant, "DENSE_ROWS", 8)
+    monkeypatch.setattr(quant, "DENSE_ROWS_BF16", 8)
+    whole = quant.quantized_product(x, qw)
+    monkeypatch.setattr(quant, "DENSE_CHUNK_BYTES", 64 * 200 * 4)          # 64 rows a chunk: 6 chunks, one short
+    chunked = quant.quantized_product(x, qw)
+    assert chunked.dtype == dtype and chunked.shape == (40, 330)
+    assert torch.equal(chunked, whole)
+    want = x.double() @ qw.dequantize().double().t()
+    assert rel_err(chunked, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    part = qw.rows(64, 130)
+    assert part.shape == (66, 200) and torch.equal(part.dequantize(), qw.dequantize()[64:130])

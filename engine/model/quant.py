@@ -30,8 +30,14 @@ of N by thread CPU time, 2026-12-03; the command prints the whole table):
 - M = 64 (batched decode): native and dequantized-per-call are within ~10% on the 0.1B matrices, native 1.4-2x
   faster on the 1.5B ones and the head; so DENSE_ROWS = 64 keeps B <= 64 native.
 - M = 1024 (prefill): the dequantized fp32 GEMM is 1.5-2x faster than native and within 5-30% of the float product.
-For bf16 rows the dense path widens them to fp32: torch's bf16 matmul on a dequantized bf16 weight was 2-6x slower
-than oneDNN's fp32 one on this CPU (no AVX-512 BF16). Without the native library (no compiler,
+For bf16 rows the dense path widens them to fp32 where bf16 GEMMs are emulated: torch's bf16 matmul on a dequantized
+bf16 weight was 2-6x slower than oneDNN's fp32 one on that CPU (no AVX-512 BF16). Where oneDNN's bf16 GEMM is native
+(it packs bf16 weights: AVX-512 BF16, AMX), bf16 rows take the weight dequantized to bf16 instead, from
+DENSE_ROWS_BF16 = 16 rows on (Zen 5 EPYC, 2 threads, 0.1B head: int8 native 14.6 / 27.1 / 49.3 ms at 16 / 32 / 64
+rows against 11.4 / 14.5 / 17.8 dense; int4 7.5 / 17.5 / 30.7 against 12.3 / 16.0 / 19.0). The dense path
+dequantizes DENSE_CHUNK_BYTES of rows at a time (see _dense). Few-row products (up to 4 rows) are in
+kernels/csrc/products_cpu.cpp: AVX-512 / AVX2 / portable float widening, and int4 through 16-bit dot products where
+the CPU has AVX-512 VNNI. Without the native library (no compiler,
 GOOSE_NATIVE_KERNELS=0) every product goes through the dequantized float path (correct, slower at few rows).
 
 On CUDA ("cuda fp16i8", "cuda bf16i8") the weights take the same Int8Weight form on the device (float matrices are
@@ -59,6 +65,8 @@ QUANT_KINDS = ("i8", "i4")
 QUANTIZED = ("att", "ffn", "head")   # the matrix families quantized (see family); the rest stay float
 GROUP_SIZE = 64          # int4 columns per (scale, zero); see the README's quality table for 32/64/128
 DENSE_ROWS = 64          # rows of x above which the weight is dequantized into the float product (measured above)
+DENSE_ROWS_BF16 = 16     # the same for bf16 rows where oneDNN's bf16 GEMM is native (measured: module doc)
+DENSE_CHUNK_BYTES = 16 << 20   # the dense path dequantizes this much of a weight at a time (see _dense)
 CHUNK_ROWS = 2048        # rows quantized at once
 _BF16 = torch.bfloat16
 TRITON_DEVICES = ("cuda",)   # device types whose int8 product is the Triton kernel; tests add "cpu" (interpreter)
@@ -94,6 +102,10 @@ class Int8Weight:
     def parts(self) -> tuple:
         """(bits, codes, scales, zeros, group, k): the arguments of kernels/quant_native.py."""
         return 8, self.codes, self.scales, None, self.group, self.codes.shape[1]
+
+    def rows(self, start: int, stop: int) -> "Int8Weight":
+        """Output rows [start, stop) as a weight of their own (views, no copy)."""
+        return Int8Weight(self.codes[start:stop], self.scales[start:stop], self.group)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _dequantize(self, dtype)
@@ -131,6 +143,11 @@ class Int4Weight:
 
     def parts(self) -> tuple:
         return 4, self.codes, self.scales, self.zeros, self.group, self.k
+
+    def rows(self, start: int, stop: int) -> "Int4Weight":
+        """Output rows [start, stop) as a weight of their own (views, no copy)."""
+        return Int4Weight(self.codes[start:stop], self.scales[start:stop],
+                          None if self.zeros is None else self.zeros[start:stop], self.group, self.k)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _dequantize(self, dtype)
@@ -217,12 +234,36 @@ def quantized_product(x: torch.Tensor, w) -> torch.Tensor:
     """x [..., K] fp32 or bf16 -> x @ W^T [..., N] in x's dtype, for an Int8Weight or Int4Weight."""
     N, K = w.shape
     rows = x.reshape(-1, K)
-    if rows.shape[0] > DENSE_ROWS or not native_build.available():
-        # fp32 rows through oneDNN's fp32 GEMM also for bf16 x: torch's bf16 matmul is slower here (module doc)
-        y = _dense_product()(rows.float(), w.dequantize(torch.float32)).to(x.dtype)
+    if x.dtype == _BF16 and _native_bf16_gemm() and (rows.shape[0] > DENSE_ROWS_BF16 or not native_build.available()):
+        # a CPU with bf16 dot products (oneDNN packs bf16 there): the weight as bf16 into oneDNN's bf16 GEMM
+        y = _dense(rows, w, _BF16, onednn_linear)
+    elif rows.shape[0] > DENSE_ROWS or not native_build.available():
+        # fp32 rows through oneDNN's fp32 GEMM, also for bf16 x where bf16 GEMMs are emulated (module doc)
+        y = _dense(rows.float(), w, torch.float32, _dense_product()).to(x.dtype)
     else:
         y = quant_matmul(rows, *w.parts())
     return y.view(*x.shape[:-1], N)
+
+
+def _dense(rows: torch.Tensor, w, dtype: torch.dtype, product) -> torch.Tensor:
+    """rows @ W^T with W dequantized to ``dtype`` DENSE_CHUNK_BYTES at a time: a whole dequantized head (100-200 MB)
+    would be fresh memory every call (above malloc's mmap threshold), and its page faults cost more than the product
+    (measured: dequantizing the 0.1B head to bf16, 34 ms whole vs ~4 ms by chunks)."""
+    N, K = w.shape
+    step = max(64, DENSE_CHUNK_BYTES // (K * torch.finfo(dtype).bits // 8) // 64 * 64)
+    if N <= step:
+        return product(rows, w.dequantize(dtype))
+    y = torch.empty(rows.shape[0], N, dtype=rows.dtype, device=rows.device)
+    for i in range(0, N, step):
+        y[:, i:i + step] = product(rows, w.rows(i, i + step).dequantize(dtype))
+    return y
+
+
+@functools.cache
+def _native_bf16_gemm() -> bool:
+    """Whether oneDNN runs bf16 GEMMs natively here: it packs bf16 weights only on CPUs with bf16 dot products
+    (AVX-512 BF16, AMX); elsewhere its bf16 products are emulated and slower than fp32 ones."""
+    return probe_onednn(_BF16)[1]
 
 
 int8_product = int4_product = quantized_product

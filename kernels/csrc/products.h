@@ -57,6 +57,9 @@ void product_rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, void 
 void product_team(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y, bool y_bf16, int64_t ldy,
                   Epilogue epilogue);
 
+// Rows [n0, n1) of a quantized W (int8 / int4) as float32 or bfloat16 rows ld elements apart (out points at row n0).
+void dequantize_rows(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld);
+
 // A scale or zero of a quantized weight as float.
 inline float scale_value(const void *p, int dtype, int64_t i) {
     if (dtype == kScaleF32) return static_cast<const float *>(p)[i];

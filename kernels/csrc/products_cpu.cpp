@@ -59,6 +59,7 @@ struct V {
         std::memcpy(&v, p, sizeof v);
         return v;
     }
+    static GOOSE_INLINE void store(float *p, F v) { std::memcpy(p, &v, sizeof v); }
     static GOOSE_INLINE float hsum(F v) {
         return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
     }
@@ -99,6 +100,10 @@ void rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *
           bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
     rows_any<V>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e);
 }
+
+void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld, float *buf) {
+    dequantize_any<V>(w, n0, n1, out, out_bf16, ld, buf);
+}
 }  // namespace portable
 
 #if defined(GOOSE_X86_CLONES)
@@ -113,6 +118,7 @@ struct V {
     static GOOSE_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
     static GOOSE_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
     static GOOSE_INLINE F load(const float *p) { return _mm256_loadu_ps(p); }
+    static GOOSE_INLINE void store(float *p, F v) { _mm256_storeu_ps(p, v); }
     static GOOSE_INLINE float hsum(F v) {
         const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -150,6 +156,10 @@ void rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *
           bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
     rows_any<V>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e);
 }
+
+void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld, float *buf) {
+    dequantize_any<V>(w, n0, n1, out, out_bf16, ld, buf);
+}
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -164,6 +174,7 @@ struct V {
     static GOOSE_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     static GOOSE_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
     static GOOSE_INLINE F load(const float *p) { return _mm512_loadu_ps(p); }
+    static GOOSE_INLINE void store(float *p, F v) { _mm512_storeu_ps(p, v); }
     static GOOSE_INLINE float hsum(F v) { return _mm512_reduce_add_ps(v); }
     static GOOSE_INLINE void f32(const float *p, F *out) {
         out[0] = _mm512_loadu_ps(p);
@@ -190,6 +201,10 @@ struct V {
 void rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *xsum, int64_t groups, void *y,
           bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
     rows_any<V>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e);
+}
+
+void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld, float *buf) {
+    dequantize_any<V>(w, n0, n1, out, out_bf16, ld, buf);
 }
 }  // namespace avx512
 #pragma GCC pop_options
@@ -540,6 +555,23 @@ void product_rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, void 
     portable::rows(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, epilogue);
 #endif
     if (xsum != stack) std::free(xsum);
+}
+
+void dequantize_rows(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld) {
+    float stack[4096];
+    float *buf = w.K + 32 <= 4096 ? stack : static_cast<float *>(std::malloc(sizeof(float) * (w.K + 32)));
+    if (buf == nullptr) std::abort();
+#if defined(GOOSE_X86_CLONES)
+    switch (isa()) {
+        case kAvx512Vnni:
+        case kAvx512: avx512::dequantize(w, n0, n1, out, out_bf16, ld, buf); break;
+        case kAvx2: avx2::dequantize(w, n0, n1, out, out_bf16, ld, buf); break;
+        default: portable::dequantize(w, n0, n1, out, out_bf16, ld, buf); break;
+    }
+#else
+    portable::dequantize(w, n0, n1, out, out_bf16, ld, buf);
+#endif
+    if (buf != stack) std::free(buf);
 }
 
 void product_team(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y, bool y_bf16, int64_t ldy,

@@ -205,3 +205,46 @@ inline void rows_any(const MatRef &w, int64_t M, const float *x, int64_t ldx, co
         default: rows_m<V, goose::kWeightI4>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e); break;
     }
 }
+
+// Rows [n0, n1) of a quantized W as floats (out rows ld elements apart, fp32 or bf16 rounded to nearest even), for
+// products with many rows of x; buf: K + 32 floats of scratch.
+template <class V, int KIND>
+GOOSE_INLINE void dequantize_kind(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld,
+                                  float *buf) {
+    constexpr int NV = 32 / V::W;
+    const int64_t K = w.K, groups = (K + w.G - 1) / w.G;
+    const int64_t body = K / 32 * 32;
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t *row = static_cast<const uint8_t *>(w.data) + n * w.row_bytes;
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t j0 = g * w.G, j1 = std::min(K, j0 + w.G);
+            const float s = goose::scale_value(w.scales, w.scale_dtype, n * w.scale_stride + g);
+            const float shift = KIND == goose::kWeightI4
+                ? (w.zeros ? goose::scale_value(w.zeros, w.scale_dtype, n * w.scale_stride + g) : 0.f) - 8.f * s : 0.f;
+            const typename V::F sv = V::set1(s), hv = V::set1(shift);
+            int64_t j = j0;
+            if (j0 % 32 == 0)
+                for (; j + 32 <= std::min(j1, body); j += 32) {
+                    typename V::F v[NV];
+                    load_block<V, KIND>(row, j, v);
+                    for (int i = 0; i < NV; ++i) V::store(buf + j + V::W * i, V::fma(v[i], sv, hv));
+                }
+            for (; j < j1; ++j) buf[j] = weight_at<KIND>(row, j) * s + shift;
+        }
+        if (out_bf16) {
+            uint16_t *o = static_cast<uint16_t *>(out) + (n - n0) * ld;
+            for (int64_t j = 0; j < K; ++j) o[j] = goose::to_bf16(buf[j]);
+        } else {
+            std::memcpy(static_cast<float *>(out) + (n - n0) * ld, buf, K * sizeof(float));
+        }
+    }
+}
+
+template <class V>
+inline void dequantize_any(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld,
+                           float *buf) {
+    if (w.kind == goose::kWeightI8)
+        dequantize_kind<V, goose::kWeightI8>(w, n0, n1, out, out_bf16, ld, buf);
+    else
+        dequantize_kind<V, goose::kWeightI4>(w, n0, n1, out, out_bf16, ld, buf);
+}
