@@ -55,6 +55,8 @@ class RWKV7:
         self.linear_backend = linear.name if proj is linear else f"{proj.name} (LoRA: {linear.name})"
         quantized = quant.QUANTIZED if strategy.quant else ()
         self._packed_layouts: dict = {}         # oneDNN-packed matrices the native step reads (native_step.py)
+        read_packed = (native_kernels is not False and self.device.type == "cpu" and wkv_backend == "chunked"
+                       and _native_mode() != "0")   # where the native step may run (never builds otherwise)
 
         def f32(key: str) -> torch.Tensor:
             return owned(sd[key].to(device=self.device, dtype=torch.float32).contiguous(), sd[key])
@@ -68,7 +70,7 @@ class RWKV7:
                 return prepared
             plain = sd[key].to(device=self.device, dtype=self.dtype).contiguous()
             packed = pack(plain)
-            if packed is not plain and self.device.type == "cpu":
+            if packed is not plain and read_packed:
                 layout = native_step.packed_layout(packed, plain)      # the single-token step reads it too
                 if layout is not None:
                     self._packed_layouts[torch.ops.mkldnn.data_ptr(packed)] = layout
