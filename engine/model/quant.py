@@ -27,15 +27,18 @@ of N by thread CPU time, 2026-12-03; the command prints the whole table):
   call is 10-40x slower here.
 - M = 4: int8 native 0.5-0.8x float (fp32) / 0.25-0.3x (bf16), 0.6-1.6x torch's; int4 native about even with
   torch's.
-- M = 64 (batched decode): native and dequantized-per-call are within ~10% on the 0.1B matrices, native 1.4-2x
-  faster on the 1.5B ones and the head; so DENSE_ROWS = 64 keeps B <= 64 native.
+- M = 64 (batched decode): native and dequantized-per-call were within ~10% on the 0.1B matrices, native 1.4-2x
+  faster on the 1.5B ones and the head (DENSE_ROWS was 64; see below for the faster dequantizing since).
 - M = 1024 (prefill): the dequantized fp32 GEMM is 1.5-2x faster than native and within 5-30% of the float product.
 For bf16 rows the dense path widens them to fp32 where bf16 GEMMs are emulated: torch's bf16 matmul on a dequantized
 bf16 weight was 2-6x slower than oneDNN's fp32 one on that CPU (no AVX-512 BF16). Where oneDNN's bf16 GEMM is native
 (it packs bf16 weights: AVX-512 BF16, AMX), bf16 rows take the weight dequantized to bf16 instead, from
 DENSE_ROWS_BF16 = 16 rows on (Zen 5 EPYC, 2 threads, 0.1B head: int8 native 14.6 / 27.1 / 49.3 ms at 16 / 32 / 64
 rows against 11.4 / 14.5 / 17.8 dense; int4 7.5 / 17.5 / 30.7 against 12.3 / 16.0 / 19.0). The dense path
-dequantizes DENSE_CHUNK_BYTES of rows at a time (see _dense). Few-row products (up to 4 rows) are in
+dequantizes DENSE_CHUNK_BYTES of rows at a time (see _dense). Since its dequantizing runs on the AVX-512 kernels
+(10x faster), fp32 rows cross over at ~32 rows on that machine (0.1B FFN key at 64 rows: int8 native 2.28 ms, dense
+1.40; head 44.5 against 34.5; at 16 rows native still wins, 0.34 against 0.60), hence DENSE_ROWS = 32 (it was 64,
+measured with the slower dequantizing on the AVX2 machine). Few-row products (up to 4 rows) are in
 kernels/csrc/products_cpu.cpp: AVX-512 / AVX2 / portable float widening, and int4 through 16-bit dot products where
 the CPU has AVX-512 VNNI. Without the native library (no compiler,
 GOOSE_NATIVE_KERNELS=0) every product goes through the dequantized float path (correct, slower at few rows).
@@ -64,7 +67,7 @@ from kernels.quant_native import SCALE_DTYPES, quant_dequantize, quant_matmul
 QUANT_KINDS = ("i8", "i4")
 QUANTIZED = ("att", "ffn", "head")   # the matrix families quantized (see family); the rest stay float
 GROUP_SIZE = 64          # int4 columns per (scale, zero); see the README's quality table for 32/64/128
-DENSE_ROWS = 64          # rows of x above which the weight is dequantized into the float product (measured above)
+DENSE_ROWS = 32          # rows of x above which the weight is dequantized into the float product (measured above)
 DENSE_ROWS_BF16 = 16     # the same for bf16 rows where oneDNN's bf16 GEMM is native (measured: module doc)
 DENSE_CHUNK_BYTES = 16 << 20   # the dense path dequantizes this much of a weight at a time (see _dense)
 CHUNK_ROWS = 2048        # rows quantized at once
