@@ -70,10 +70,12 @@ class RWKV7:
                 return prepared
             plain = sd[key].to(device=self.device, dtype=self.dtype).contiguous()
             packed = pack(plain)
-            if packed is not plain and read_packed:
-                layout = native_step.packed_layout(packed, plain)      # the single-token step reads it too
-                if layout is not None:
-                    self._packed_layouts[torch.ops.mkldnn.data_ptr(packed)] = layout
+            if packed is not plain:
+                if read_packed:
+                    layout = native_step.packed_layout(packed, plain)  # the single-token step reads it too
+                    if layout is not None:
+                        self._packed_layouts[torch.ops.mkldnn.data_ptr(packed)] = layout
+                release_pages(sd[key])                      # packed into a copy of its own: the file's pages go
             return packed
 
         def lora(key: str) -> Lora:                         # stored [in, out]: transposed once
