@@ -192,7 +192,7 @@ for N, K in ((7, 13), (33, 100), (40, 768), (16, 200), (9, 3072)):
             want = x.double() @ qw.dequantize().double().T
             got = quant_matmul(x, *qw.parts()).double()
             err = ((got - want).abs().max() / want.abs().max()).item()
-            if isinstance(qw, quant.Int4Weight):
+            if isinstance(qw, quant.Int4Weight) or M > 4:       # where the VNNI kernels round x to int16
                 worst4 = max(worst4, err)
             else:
                 worst = max(worst, err)
@@ -208,8 +208,9 @@ print(worst, worst4)
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", None])
 def test_every_instruction_set_build_of_the_products_is_exact(isa, tmp_path):
     """GOOSE_KERNEL_ISA picks a narrower build than the machine's (the kernels choose once per process; a build
-    the CPU lacks falls back to the best it has). The int4 kernel of CPUs with AVX-512 VNNI rounds x to int16 (one
-    scale a row), which moves sums by ~1e-4 of their largest; every other build is exact to float rounding."""
+    the CPU lacks falls back to the best it has). On CPUs with AVX-512 VNNI the int4 kernel, and the int8 one beyond
+    4 rows of x, round x to int16 (one scale a row), which moves sums by ~1e-4 of their largest; every other build
+    and case is exact to float rounding."""
     env = dict(os.environ)
     env.pop("GOOSE_KERNEL_ISA", None)
     if isa:

@@ -56,8 +56,9 @@ def test_native_product_matches_float(m, n, k, xdtype, bits, group, scale_dtype,
     want = x.double() @ _reference(w).t()
     y = quant_matmul(x, *w.parts())
     assert y.dtype == xdtype and y.shape == (m, n)
-    # fp32 sums throughout; int4 on CPUs with AVX-512 VNNI rounds x to int16 first (kernels/csrc/products_cpu.cpp)
-    exact = 2e-6 if bits == 8 else 5e-4
+    # fp32 sums throughout; on CPUs with AVX-512 VNNI, int4 (and int8 with one scale a row beyond 4 rows of x) round
+    # x to int16 first (kernels/csrc/products_cpu.cpp)
+    exact = 2e-6 if bits == 8 and (m <= 4 or group) else 5e-4
     assert rel_err(y.float(), want) < (exact if xdtype == torch.float32 else 1e-2)
     assert rel_err(quant_matmul(x, *w.parts(), out_dtype=torch.float32), want) < exact
     assert rel_err(quant_dequantize(*w.parts()), _reference(w)) < 1e-7
@@ -72,7 +73,7 @@ def test_few_rows_native_many_rows_dense_agree(kind, monkeypatch):
     x = torch.randn(3, 40, 200, generator=g)
     native = quant.quantized_product(x, qw)               # 120 rows > DENSE_ROWS: dense
     monkeypatch.setattr(quant, "DENSE_ROWS", 1000)
-    assert rel_err(quant.quantized_product(x, qw), native) < (1e-5 if kind == "i8" else 5e-4)   # i4: x in int16
+    assert rel_err(quant.quantized_product(x, qw), native) < 5e-4        # the kernel may round x to int16 (VNNI)
     assert native.shape == (3, 40, 96)
 
 

@@ -38,9 +38,10 @@ rows against 11.4 / 14.5 / 17.8 dense; int4 7.5 / 17.5 / 30.7 against 12.3 / 16.
 dequantizes DENSE_CHUNK_BYTES of rows at a time (see _dense). Since its dequantizing runs on the AVX-512 kernels
 (10x faster), fp32 rows cross over at ~32 rows on that machine (0.1B FFN key at 64 rows: int8 native 2.28 ms, dense
 1.40; head 44.5 against 34.5; at 16 rows native still wins, 0.34 against 0.60), hence DENSE_ROWS = 32 (it was 64,
-measured with the slower dequantizing on the AVX2 machine). Few-row products (up to 4 rows) are in
-kernels/csrc/products_cpu.cpp: AVX-512 / AVX2 / portable float widening, and int4 through 16-bit dot products where
-the CPU has AVX-512 VNNI. Without the native library (no compiler,
+measured with the slower dequantizing on the AVX2 machine). Few-row products are in kernels/csrc/products_cpu.cpp:
+AVX-512 / AVX2 / portable float widening, and 16-bit dot products on x rounded to int16 where the CPU has AVX-512
+VNNI, for int4 always and for int8 (one scale a row) beyond 4 rows (0.1B head, 2 threads, fp32 rows: 5 rows 2.2 ms
+against 9.9 dense, 8 rows 4.9 against 11.0; 64 rows 22.8 against 29.8). Without the native library (no compiler,
 GOOSE_NATIVE_KERNELS=0) every product goes through the dequantized float path (correct, slower at few rows).
 
 On CUDA ("cuda fp16i8", "cuda bf16i8") the weights take the same Int8Weight form on the device (float matrices are

@@ -240,6 +240,7 @@ void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t chunks, int16_t 
 }
 
 constexpr int64_t kPrefetchRows = 16;
+constexpr int64_t kVnniInt8Rows = 4;     // int8 (one scale a row) takes the 16-bit dot products above this many rows
 
 // 16 scales (or zeros) of a row from group `at` on, as floats; lanes past `mask` are zero.
 inline __m512 load16(const void *p, int dtype, int64_t at, __mmask16 mask) {
@@ -395,6 +396,83 @@ void rows_int4(const MatRef &w, int64_t M, const float *x, int64_t ldx, const fl
     if (q != stack_q) std::free(q);
 }
 
+
+// int8 weights with one scale a row, for many rows of x (batched decode): x rounded to int16 as for int4, 32
+// weights sign-extended to 16 bits once and multiplied with up to 8 rows of x by vpdpwssd (32 products an
+// instruction), int32 sums moved to float every 4096 columns (before they could overflow). Blocks of 16 weight rows
+// stay in L1 while every row of x passes over them. For few rows the float kernel is as fast (the weights' reading
+// bounds it) and exact, so this serves more than kVnniInt8Rows rows only.
+constexpr int64_t kFlushColumns = 4096;
+
+template <int MB>
+void rows_i8(const MatRef &w, const float *x, int64_t ldx, const int16_t *xq, int64_t Kq, const float *xscale,
+             void *y, bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue epilogue) {
+    const int64_t K = w.K;
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t *row = static_cast<const int8_t *>(w.data) + n * w.row_bytes;
+        __m512 facc[MB];
+        for (int m = 0; m < MB; ++m) facc[m] = _mm512_setzero_ps();
+        for (int64_t k0 = 0; k0 < Kq; k0 += kFlushColumns) {
+            __m512i acc[MB];
+            for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_si512();
+            const int64_t k1 = std::min(Kq, k0 + kFlushColumns);
+            for (int64_t k = k0; k < k1; k += 32) {
+                const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + k)));
+                for (int m = 0; m < MB; ++m)
+                    acc[m] = _mm512_dpwssd_epi32(acc[m], wv, _mm512_loadu_si512(xq + m * Kq + k));
+            }
+            for (int m = 0; m < MB; ++m) facc[m] = _mm512_add_ps(facc[m], _mm512_cvtepi32_ps(acc[m]));
+        }
+        const float s = goose::scale_value(w.scales, w.scale_dtype, n * w.scale_stride);
+        for (int m = 0; m < MB; ++m) {
+            float t = _mm512_reduce_add_ps(facc[m]) * xscale[m];
+            for (int64_t k = Kq; k < K; ++k) t += static_cast<float>(row[k]) * x[m * ldx + k];
+            const float v = avx512::finish(t * s, epilogue);
+            if (y_bf16)
+                static_cast<uint16_t *>(y)[m * ldy + n] = goose::to_bf16(v);
+            else
+                static_cast<float *>(y)[m * ldy + n] = v;
+        }
+    }
+}
+
+void rows_int8(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y, bool y_bf16, int64_t ldy,
+               int64_t n0, int64_t n1, goose::Epilogue e) {
+    constexpr int64_t kGroup = 8, kBlock = 16;
+    const int64_t Kq = w.K / 32 * 32, elem = y_bf16 ? 2 : 4;
+    int16_t *q = static_cast<int16_t *>(std::malloc(sizeof(int16_t) * M * std::max<int64_t>(Kq, 1)));
+    float *xscale = static_cast<float *>(std::malloc(sizeof(float) * M));
+    if (q == nullptr || xscale == nullptr) std::abort();
+    for (int64_t m = 0; m < M; ++m) {                   // x as int16 in column order, one scale a row
+        const float *xm = x + m * ldx;
+        float mx = 0.f;
+        for (int64_t k = 0; k < Kq; ++k) mx = std::max(mx, std::fabs(xm[k]));
+        const float sc = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / sc;
+        xscale[m] = sc;
+        for (int64_t k = 0; k < Kq; ++k) q[m * Kq + k] = static_cast<int16_t>(std::lrintf(xm[k] * inv));
+    }
+    for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
+        const int64_t b1 = std::min(n1, b0 + kBlock);
+        for (int64_t m = 0; m < M; m += kGroup) {
+            const float *xm = x + m * ldx;
+            const int16_t *qm = q + m * Kq;
+            void *ym = static_cast<char *>(y) + m * ldy * elem;
+            switch (std::min(kGroup, M - m)) {
+                case 1: rows_i8<1>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+                case 2: rows_i8<2>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+                case 3: rows_i8<3>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+                case 4: rows_i8<4>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+                case 5: rows_i8<5>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+                case 6: rows_i8<6>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+                case 7: rows_i8<7>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+                default: rows_i8<8>(w, xm, ldx, qm, Kq, xscale + m, ym, y_bf16, ldy, b0, b1, e); break;
+            }
+        }
+    }
+    std::free(q);
+    std::free(xscale);
+}
+
 }  // namespace avx512vnni
 #pragma GCC pop_options
 
@@ -541,6 +619,10 @@ void product_rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, void 
 #if defined(GOOSE_X86_CLONES)
     switch (isa()) {
         case kAvx512Vnni:
+            if (w.kind == kWeightI8 && w.G >= w.K && M > avx512vnni::kVnniInt8Rows) {
+                avx512vnni::rows_int8(w, M, x, ldx, y, y_bf16, ldy, n0, n1, epilogue);
+                break;
+            }
             if (w.kind == kWeightI4 && (w.G == 32 || w.G % 64 == 0)) {
                 avx512vnni::rows_int4(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, epilogue);
                 break;
