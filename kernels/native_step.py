@@ -18,6 +18,7 @@ import ctypes
 import torch
 
 from kernels.native_build import load, load_for_head_size
+from kernels.quant_native import check_weights as quant_weights
 
 __all__ = ["DecodeStep", "STEP_ROWS", "MatRef"]
 
@@ -26,7 +27,7 @@ STEP_ROWS = 4           # most sequences per step call: the kernels multiply eac
 _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SCALE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 F32, BF16, I8, I4, F32_BLOCKED, BF16_PAIRS = 0, 1, 2, 3, 4, 5
-_CHECK_BLOCKS = 256      # blocks compared at a time when a packed layout is checked
+_CHECK_BYTES = 16 << 20  # bytes of blocks compared at a time when a packed layout is checked
 
 
 class MatRef(ctypes.Structure):
@@ -67,7 +68,8 @@ def packed_layout(packed: torch.Tensor, plain: torch.Tensor) -> PackedLayout | N
     except Exception:                                       # no native library: nothing reads the layout
         return None
     if not lib.packed_layouts_readable or not packed.is_mkldnn or plain.dim() != 2 \
-            or plain.dtype not in (torch.float32, torch.bfloat16) or not hasattr(torch.ops.mkldnn, "data_ptr"):
+            or plain.dtype not in (torch.float32, torch.bfloat16) \
+            or not all(hasattr(torch.ops.mkldnn, name) for name in ("data_ptr", "_nbytes")):
         return None
     N, K = plain.shape
     nbytes = int(torch.ops.mkldnn._nbytes(packed))
@@ -75,22 +77,30 @@ def packed_layout(packed: torch.Tensor, plain: torch.Tensor) -> PackedLayout | N
     for G in (64, 48, 32, 16):          # rows a block; the columns may be padded too (fp32 [192, 500]: to 512)
         nb = -(-N // G)
         Kp, rest = divmod(nbytes, nb * G * plain.element_size())
-        if rest == 0 and K <= Kp < K + 64 and not (pairs and Kp % 2):
-            break
-    else:
-        return None
+        if rest == 0 and K <= Kp < K + 64 and not (pairs and Kp % 2) and _same_layout(packed, plain, G, Kp, pairs):
+            return PackedLayout((BF16_PAIRS if pairs else F32_BLOCKED, G, nbytes // nb))
+    return None
+
+
+def _same_layout(packed: torch.Tensor, plain: torch.Tensor, G: int, Kp: int, pairs: bool) -> bool:
+    """Whether ``packed``'s bytes are ``plain`` in blocks of G rows, [Kp][G] (fp32) or [Kp / 2][G][2] (bf16 pairs),
+    zeros in the padding: compared value for value, ~16 MB of blocks at a time."""
+    N, K = plain.shape
+    nbytes = int(torch.ops.mkldnn._nbytes(packed))
+    nb = -(-N // G)
     raw = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed)),
                            dtype=torch.int16 if pairs else torch.int32).view(nb, -1)
     bits = plain.contiguous().view(torch.int16 if pairs else torch.int32)
-    for b0 in range(0, nb, _CHECK_BLOCKS):
-        b1 = min(nb, b0 + _CHECK_BLOCKS)
+    step = max(1, _CHECK_BYTES // (G * Kp * plain.element_size()))
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
         rows = torch.zeros((b1 - b0) * G, Kp, dtype=bits.dtype)
         rows[:min(N, b1 * G) - b0 * G, :K] = bits[b0 * G:b1 * G]
         want = (rows.view(b1 - b0, G, Kp // 2, 2).permute(0, 2, 1, 3) if pairs
                 else rows.view(b1 - b0, G, Kp).transpose(1, 2))
         if not torch.equal(raw[b0:b1], want.reshape(b1 - b0, -1)):
-            return None
-    return PackedLayout((BF16_PAIRS if pairs else F32_BLOCKED, G, nbytes // nb))
+            return False
+    return True
 
 
 def mat_ref(w, keep: list, what: str, shape: tuple[int, int] | None = None,
@@ -108,18 +118,15 @@ def mat_ref(w, keep: list, what: str, shape: tuple[int, int] | None = None,
                 raise ValueError(f"{what}: shape [{ref.N}, {ref.K}], expected {list(shape)}")
             return ref
     if hasattr(w, "parts"):
-        bits, codes, scales, zeros, group, k = w.parts()
-        for t in (codes, scales, zeros):
-            if t is not None and (t.device.type != "cpu" or t.stride(-1) != 1):
-                raise ValueError(f"{what}: quantized parts must be CPU tensors with contiguous rows")
-        if zeros is not None and (zeros.dtype != scales.dtype or zeros.stride(0) != scales.stride(0)):
-            raise ValueError(f"{what}: int4 zeros must be laid out like the scales")
-        if bits == 4 and group % 32:
-            raise ValueError(f"{what}: int4 groups must be whole blocks of 32 columns, got {group}")
-        keep.extend(t for t in (codes, scales, zeros) if t is not None)
-        ref = MatRef(I8 if bits == 8 else I4, _SCALE[scales.dtype], codes.shape[0], k, group, codes.data_ptr(),
-                     codes.stride(0) * codes.element_size(), scales.data_ptr(),
-                     None if zeros is None else zeros.data_ptr(), scales.stride(0))
+        parts = w.parts()
+        try:
+            N, K, bits, group, codes_ptr, code_stride, scales_ptr, zeros_ptr, scale_dtype, scale_stride = \
+                quant_weights(*parts)                       # the quantized products' own checks, one validator
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        keep.extend(t for t in parts[1:4] if t is not None)
+        ref = MatRef(I8 if bits == 8 else I4, scale_dtype, N, K, group, codes_ptr,
+                     code_stride * parts[1].element_size(), scales_ptr, zeros_ptr, scale_stride)
     else:
         if not isinstance(w, torch.Tensor) or w.is_mkldnn or w.layout != torch.strided:
             raise ValueError(f"{what}: the step reads plain row-major matrices, not {getattr(w, 'layout', type(w))}")
@@ -211,21 +218,26 @@ class DecodeStep:
 
     def __call__(self, tokens: torch.Tensor, att_x: list[torch.Tensor], wkv: list[torch.Tensor],
                  ffn_x: list[torch.Tensor]) -> torch.Tensor:
-        """tokens [B] int64 (ids already checked against the vocabulary), the state's per-layer tensors [B, C],
+        """tokens [B] int64 (an id outside the vocabulary raises IndexError, nothing changed), the state's per-layer
+        tensors [B, C],
         [B, H, N, N], [B, C] (float32, contiguous; advanced in place). Returns logits [B, V] float32."""
         B = tokens.shape[0]
         if not 0 < B <= STEP_ROWS:
             raise ValueError(f"the native step takes 1 to {STEP_ROWS} sequences, got {B}")
-        tokens = tokens.to(torch.int64).contiguous()
+        tokens = tokens.to(device="cpu", dtype=torch.int64).contiguous()
         for name, ts, shape in (("att_x", att_x, (B, self.C)), ("wkv", wkv, (B, self.H, self.N, self.N)),
                                 ("ffn_x", ffn_x, (B, self.C))):
             if len(ts) != self.L or any(t.shape != shape or t.dtype != torch.float32 or not t.is_contiguous()
-                                        for t in ts):
-                raise ValueError(f"state {name} must be {self.L} contiguous float32 tensors of shape {list(shape)}")
+                                        or t.device.type != "cpu" for t in ts):
+                raise ValueError(f"state {name} must be {self.L} contiguous float32 CPU tensors of shape "
+                                 f"{list(shape)}")
         logits = torch.empty(B, self.V, dtype=torch.float32)
         rc = self._lib.decode_step(ctypes.byref(self._model), B, tokens.data_ptr(),
                                    self._ptrs(*(t.data_ptr() for t in att_x)), self._ptrs(*(t.data_ptr() for t in wkv)),
                                    self._ptrs(*(t.data_ptr() for t in ffn_x)), logits.data_ptr())
+        if rc == -2:
+            bad = [int(t) for t in tokens if not 0 <= int(t) < self.V]
+            raise IndexError(f"token id {bad[0]} is outside the vocabulary (ids 0 to {self.V - 1})")
         if rc != 0:
             raise MemoryError("the native decode step could not allocate its scratch")
         return logits

@@ -13,13 +13,13 @@ import torch
 
 from kernels.native_build import load
 
-__all__ = ["quant_matmul", "quant_dequantize", "SCALE_DTYPES"]
+__all__ = ["quant_matmul", "quant_dequantize", "check_weights", "SCALE_DTYPES"]
 
 _ROW_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _weights(bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
+def check_weights(bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
              k: int) -> tuple:
     """The weight arguments of both C calls, after checking them: (N, K, bits, G, codes, code stride, scales,
     zeros, scale dtype, scale stride)."""
@@ -35,9 +35,10 @@ def _weights(bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.
     for name, t in (("scales", scales), ("zeros", zeros)):
         if t is None:
             continue
-        if t.dtype not in SCALE_DTYPES or tuple(t.shape) != (N, groups) or t.stride(1) != 1 or t.dtype != scales.dtype:
+        if (t.dtype not in SCALE_DTYPES or tuple(t.shape) != (N, groups) or t.stride(1) != 1 or t.dtype != scales.dtype
+                or t.stride(0) != scales.stride(0)):            # the kernels index zeros with the scales' stride
             raise ValueError(f"int{bits} {name} must be float32/bfloat16/float16 [{N}, {groups}] (one per row and "
-                             f"group of {group}), got {t.dtype} {list(t.shape)}")
+                             f"group of {group}, laid out like the scales), got {t.dtype} {list(t.shape)}")
     for t in (codes, scales, zeros):
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"quantized weights must be on the CPU, got {t.device}")
@@ -54,7 +55,7 @@ def quant_matmul(x: torch.Tensor, bits: int, codes: torch.Tensor, scales: torch.
                          f"{x.device}")
     if out_dtype not in _ROW_DTYPES:
         raise ValueError(f"the quantized product writes float32 or bfloat16, not {out_dtype}")
-    N, K, *w = _weights(bits, codes, scales, zeros, group, k)
+    N, K, *w = check_weights(bits, codes, scales, zeros, group, k)
     if x.stride(1) != 1:
         x = x.contiguous()
     M = x.shape[0]
@@ -72,7 +73,7 @@ def quant_dequantize(bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros
     """W [N, k] in ``dtype`` (float32 or bfloat16), contiguous."""
     if dtype not in _ROW_DTYPES:
         raise ValueError(f"quantized weights dequantize to float32 or bfloat16, not {dtype}")
-    args = _weights(bits, codes, scales, zeros, group, k)
+    args = check_weights(bits, codes, scales, zeros, group, k)
     out = torch.empty((args[0], k), dtype=dtype)
     if out.numel():
         load().quant_dequantize(*args, out.data_ptr(), _ROW_DTYPES[dtype], k)

@@ -163,7 +163,8 @@ def test_the_step_refuses_bad_calls(checkpoint):
         step(torch.tensor([1, 2]), state.att_x, [t[:1] for t in state.wkv], state.ffn_x)
     with pytest.raises(ValueError, match="state att_x must be"):
         step(torch.tensor([1, 2]), [t.double() for t in state.att_x], state.wkv, state.ffn_x)
-    with pytest.raises(ValueError, match="int4 groups must be whole blocks of 32 columns"):
+    with pytest.raises(ValueError, match="layer 0 key: quantized weights are 8 or 4 bits with a positive group "
+                                         "\\(int4: a multiple of 32\\), got 4 bits, group 48"):
         native_step.mat_ref(_FakeInt4(), [], "layer 0 key")
     with pytest.raises(ValueError, match="layer 0 key: shape \\[4, 8\\], expected \\[8, 8\\]"):
         native_step.mat_ref(torch.zeros(4, 8), [], "layer 0 key", (8, 8))
@@ -241,3 +242,27 @@ def test_quantized_products_with_groups_of_32_and_fp16_scales(bits, M):
     x = torch.randn(M, K, generator=g)
     want = x.double() @ w.dequantize().double().T
     assert rel_err(quant_matmul(x, *w.parts()), want) < (1e-5 if bits == 8 else 5e-4)    # int4: x in int16 (VNNI)
+
+
+def test_a_token_outside_the_vocabulary_is_refused_and_changes_nothing(checkpoint):
+    model = load_model(checkpoint, "cpu fp32i8")
+    V = model.config.vocab_size
+    _, state = model.forward(torch.tensor([[1, 2, 3]]))
+    before = state.clone()
+    for bad in (V, -1):
+        with pytest.raises(IndexError, match=f"token id {bad} is outside the vocabulary \\(ids 0 to {V - 1}\\)"):
+            model.forward(torch.tensor([[bad]]), state)
+        assert all(torch.equal(a, b) for a, b in zip(state.tensors(), before.tensors()))
+
+
+def test_nan_activations_stay_nan_through_the_products():
+    """A NaN in x gives NaN sums in every kernel (the int16 rounding of the VNNI kernels included) and relu^2 keeps
+    it, as torch's relu_ does."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(40, 256, generator=g)
+    for qw in (quant.quantize_int8(w), quant.quantize_int4(w)):
+        for M in (1, 6):
+            x = torch.randn(M, 256, generator=g)
+            x[0, 7] = float("nan")
+            y = quant_matmul(x, *qw.parts())
+            assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()

@@ -384,11 +384,13 @@ void norm_and_mix(const ModelRef &m, int64_t B, float *x, const float *dx, const
 extern "C" {
 
 // tokens [B]; att_x, wkv, ffn_x: per layer, the state rows of the B sequences ([B, C], [B, H, N, N], [B, C],
-// contiguous float32), advanced in place; logits [B, V] float32. Returns 0, or -1 when scratch memory could not be
-// had (nothing was changed then).
+// contiguous float32), advanced in place; logits [B, V] float32. Returns 0, -1 when scratch memory could not be
+// had, -2 when a token id is outside the vocabulary (nothing was changed then).
 int goose_decode_step(const ModelRef *model, int64_t B, const int64_t *tokens, float *const *att_x,
                       float *const *wkv, float *const *ffn_x, float *logits) {
     const ModelRef &m = *model;
+    for (int64_t b = 0; b < B; ++b)
+        if (tokens[b] < 0 || tokens[b] >= m.V) return -2;      // nothing read or changed
     const int64_t C = m.C, Cp = whole_blocks(C), Fp = whole_blocks(m.F), H = m.H, N = m.N;
     int64_t dmax = 0;
     for (int64_t l = 0; l < m.L; ++l) {

@@ -227,9 +227,13 @@ void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t chunks, int16_t 
     for (int64_t m = 0; m < M; ++m) {
         const float *xm = x + m * ldx;
         float mx = 0.f;
-        for (int64_t k = 0; k < chunks * 64; ++k) mx = std::max(mx, std::fabs(xm[k]));
-        const float s = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / s;
-        scale[m] = s;
+        bool finite = true;
+        for (int64_t k = 0; k < chunks * 64; ++k) {
+            mx = std::max(mx, std::fabs(xm[k]));
+            finite = finite && std::isfinite(xm[k]);
+        }
+        const float s = mx > 0.f && finite ? mx / 32767.f : 1.f, inv = 1.f / s;
+        scale[m] = finite ? s : NAN;                    // a NaN or inf in x makes the row's sums NaN, as in float
         int16_t *qm = q + m * chunks * 64;
         for (int64_t c = 0; c < chunks; ++c)
             for (int i = 0; i < 64; ++i) {
@@ -446,9 +450,13 @@ void rows_int8(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y,
     for (int64_t m = 0; m < M; ++m) {                   // x as int16 in column order, one scale a row
         const float *xm = x + m * ldx;
         float mx = 0.f;
-        for (int64_t k = 0; k < Kq; ++k) mx = std::max(mx, std::fabs(xm[k]));
-        const float sc = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / sc;
-        xscale[m] = sc;
+        bool finite = true;
+        for (int64_t k = 0; k < Kq; ++k) {
+            mx = std::max(mx, std::fabs(xm[k]));
+            finite = finite && std::isfinite(xm[k]);
+        }
+        const float sc = mx > 0.f && finite ? mx / 32767.f : 1.f, inv = 1.f / sc;
+        xscale[m] = finite ? sc : NAN;                  // a NaN or inf in x makes the row's sums NaN, as in float
         for (int64_t k = 0; k < Kq; ++k) q[m * Kq + k] = static_cast<int16_t>(std::lrintf(xm[k] * inv));
     }
     for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
@@ -623,7 +631,7 @@ void product_rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, void 
                 avx512vnni::rows_int8(w, M, x, ldx, y, y_bf16, ldy, n0, n1, epilogue);
                 break;
             }
-            if (w.kind == kWeightI4 && (w.G == 32 || w.G % 64 == 0)) {
+            if (w.kind == kWeightI4 && (w.G == 32 || w.G % 64 == 0) && w.G <= 4096) {   // a group's int32 sums fit
                 avx512vnni::rows_int4(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, epilogue);
                 break;
             }

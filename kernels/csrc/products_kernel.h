@@ -66,10 +66,10 @@ GOOSE_INLINE float finish(float v, goose::Epilogue e) {
         case goose::kRoundBF16: return goose::from_bf16(goose::to_bf16(v));
         case goose::kTanh: return std::tanh(v);
         case goose::kSigmoid: return goose::sigmoid(v);
-        case goose::kReluSquare: return v > 0.f ? v * v : 0.f;
+        case goose::kReluSquare: return !(v <= 0.f) ? v * v : 0.f;          // NaN stays NaN, as in torch
         case goose::kReluSquareBF16: {
             const float r = goose::from_bf16(goose::to_bf16(v));
-            return r > 0.f ? goose::from_bf16(goose::to_bf16(r * r)) : 0.f;
+            return !(r <= 0.f) ? goose::from_bf16(goose::to_bf16(r * r)) : 0.f;
         }
         default: return v;
     }
