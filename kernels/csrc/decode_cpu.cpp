@@ -7,7 +7,7 @@
 //   goose_residual_ln_mix   x += dx (the previous block's output), layer norm, token shift and the M mixes,
 //                           and the shift state's update: one call before the time mix and one before the FFN.
 //   goose_lora_time_mix     the four LoRA chains (decay: tanh, in-context rate, gate: sigmoid, value residual)
-//                           as row dot products over the factors, then the fused time mix of rwkv7_cpu.cpp: one
+//                           on the few-row product kernels, then the fused time mix of rwkv7_cpu.cpp: one
 //                           call for everything between the r/k/v projections and the output projection.
 // The LoRA chains are computed in float32 whatever the rows' dtype (the factors may be bfloat16), so a bf16
 // model's decay and gate see no bf16 rounding between the two factors.
@@ -38,8 +38,6 @@ void time_mix_head(int64_t N, int64_t c, const float *r, const float *w_lora, co
 }
 
 namespace {
-
-constexpr int64_t kGemvRows = 8;      // goose_gemv's most rows of x (native_decode.GEMV_ROWS <= this)
 
 // Rows of float32 or bfloat16 values, widened to float32 where needed.
 GOOSE_INLINE void widen(int64_t n, const void *src, bool bf16, float *dst) {
@@ -92,138 +90,6 @@ void mix_row(int64_t C, int64_t M, const float *h, const float *h_prev, const fl
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) o[c] = h[c] + (h_prev[c] - h[c]) * mm[c];
         }
-    }
-}
-
-// Dot products with four vector accumulators: one accumulator would wait on each FMA's latency (measured: ~3
-// GMAC/s on one core against ~10 with four).
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-
-GOOSE_INLINE v8f load8(const float *p) {
-    v8f v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-GOOSE_INLINE v8f load8(const uint16_t *p) {
-    v8h h;
-    std::memcpy(&h, p, sizeof h);
-    const v8u wide = __builtin_convertvector(h, v8u) << 16;
-    v8f v;
-    std::memcpy(&v, &wide, sizeof v);
-    return v;
-}
-
-template <typename W>
-GOOSE_INLINE float dot_n(int64_t n, const W *w, const float *x) {
-    v8f acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        acc0 += load8(w + i) * load8(x + i);
-        acc1 += load8(w + i + 8) * load8(x + i + 8);
-        acc2 += load8(w + i + 16) * load8(x + i + 16);
-        acc3 += load8(w + i + 24) * load8(x + i + 24);
-    }
-    for (; i + 8 <= n; i += 8) acc0 += load8(w + i) * load8(x + i);
-    const v8f acc = (acc0 + acc1) + (acc2 + acc3);
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; ++i) {
-        if constexpr (sizeof(W) == 2)
-            s += from_bf16(w[i]) * x[i];
-        else
-            s += w[i] * x[i];
-    }
-    return s;
-}
-
-// R rows of x against one weight row, each weight block loaded (and widened) once for all R rows.
-template <typename W, int R>
-GOOSE_INLINE void dot_rows(int64_t n, const W *w, const float *x, int64_t ldx, float *out) {
-    v8f acc[R][2] = {};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const v8f w0 = load8(w + i), w1 = load8(w + i + 8);
-        for (int r = 0; r < R; ++r) {
-            acc[r][0] += w0 * load8(x + r * ldx + i);
-            acc[r][1] += w1 * load8(x + r * ldx + i + 8);
-        }
-    }
-    for (int r = 0; r < R; ++r) {
-        const v8f a = acc[r][0] + acc[r][1];
-        float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-        for (int64_t j = i; j < n; ++j) {
-            if constexpr (sizeof(W) == 2)
-                s += from_bf16(w[j]) * x[r * ldx + j];
-            else
-                s += w[j] * x[r * ldx + j];
-        }
-        out[r] = s;
-    }
-}
-
-// out[m] = W_row . x[m] for M rows of x (stride ldx), four rows at a time.
-template <typename W>
-GOOSE_INLINE void dots(int64_t n, const W *w, const float *x, int64_t ldx, int64_t M, float *out) {
-    int64_t m = 0;
-    if (M == 1) {
-        out[0] = dot_n(n, w, x);
-        return;
-    }
-    for (; m + 4 <= M; m += 4) dot_rows<W, 4>(n, w, x + m * ldx, ldx, out + m);
-    const int64_t left = M - m;
-    if (left == 3) dot_rows<W, 3>(n, w, x + m * ldx, ldx, out + m);
-    if (left == 2) dot_rows<W, 2>(n, w, x + m * ldx, ldx, out + m);
-    if (left == 1) out[m] = dot_n(n, w, x + m * ldx);
-}
-
-GOOSE_CLONES
-void row_dots(int64_t n, const void *w, bool w_bf16, const float *x, int64_t ldx, int64_t M, float *out) {
-    if (w_bf16)
-        dots(n, static_cast<const uint16_t *>(w), x, ldx, M, out);
-    else
-        dots(n, static_cast<const float *>(w), x, ldx, M, out);
-}
-
-GOOSE_CLONES
-float dot(int64_t n, const void *w, bool w_bf16, const float *x) {
-    if (w_bf16) return dot_n(n, static_cast<const uint16_t *>(w), x);
-    return dot_n(n, static_cast<const float *>(w), x);
-}
-
-enum Activation { kNone = 0, kTanh = 1, kSigmoid = 2 };
-
-// One product of a LoRA chain: out[b, o] = act(sum_i W[o, i] x[b, i]) for B rows, W [O, I] row-major.
-struct Product {
-    const void *w;
-    int64_t O, I;
-    const float *x;    // [B, I]
-    float *out;        // [B, O]
-    Activation act;
-};
-
-inline float activate(float s, Activation act) {
-    if (act == kTanh) return std::tanh(s);
-    if (act == kSigmoid) return goose::sigmoid(s);
-    return s;
-}
-
-// Several independent products as one parallel loop over all their output rows: each weight row is read once
-// and used for every one of the B rows while it is in L1.
-void run_products(const Product *ps, int n, int64_t B, bool w_bf16) {
-    int64_t total = 0;
-    for (int i = 0; i < n; ++i) total += ps[i].O;
-    const int64_t row_bytes = w_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) if (total * B * 64 > 32768)
-    for (int64_t t = 0; t < total; ++t) {
-        int i = 0;
-        int64_t o = t;
-        while (o >= ps[i].O) o -= ps[i++].O;
-        const Product &p = ps[i];
-        const void *row = static_cast<const char *>(p.w) + o * p.I * row_bytes;
-        for (int64_t b = 0; b < B; ++b)
-            p.out[b * p.O + o] = activate(dot(p.I, row, w_bf16, p.x + b * p.I), p.act);
     }
 }
 
@@ -284,40 +150,38 @@ void goose_lora_time_mix(int64_t B, int64_t H, int64_t N, int rows_bf16, const v
     const void *srcs[8] = {xw, xa, xg, xv, r, k, v, v_first};
     float *dsts[8] = {in_w, in_a, in_g, in_v, fr, fk, fv, ffirst};
     for (int i = 0; i < (value ? 8 : 7); ++i) widen(B * C, srcs[i], in16, dsts[i]);
+    // the chains on the few-row product kernels (products_cpu.cpp): first factors, then second factors
     const bool wb = lora_bf16 != 0;
-    const Product first[4] = {{w1, Dw, C, in_w, hw, kTanh}, {a1, Da, C, in_a, ha, kNone},
-                              {g1, Dg, C, in_g, hg, kSigmoid}, {v1, Dv, C, in_v, hv, kNone}};
-    run_products(first, value ? 4 : 3, B, wb);
-    const Product second[4] = {{w2, C, Dw, hw, w_lora, kNone}, {a2, C, Da, ha, a_lora, kNone},
-                               {g2, C, Dg, hg, g, kNone}, {v2, C, Dv, hv, v_lora, kNone}};
-    run_products(second, value ? 4 : 3, B, wb);
+    const int chains = value ? 4 : 3;
+    const void *firsts[4] = {w1, a1, g1, v1}, *seconds[4] = {w2, a2, g2, v2};
+    const int64_t D[4] = {Dw, Da, Dg, Dv};
+    const float *ins[4] = {in_w, in_a, in_g, in_v};
+    float *hid[4] = {hw, ha, hg, hv}, *outs[4] = {w_lora, a_lora, g, v_lora};
+    const goose::Epilogue act[4] = {goose::kTanh, goose::kStore, goose::kSigmoid, goose::kStore};
+#pragma omp parallel
+    {
+        for (int i = 0; i < chains; ++i)
+            goose::product_team(goose::plain_matrix(firsts[i], wb, D[i], C), B, ins[i], C, hid[i], false, D[i], act[i]);
+#pragma omp barrier
+        for (int i = 0; i < chains; ++i)
+            goose::product_team(goose::plain_matrix(seconds[i], wb, C, D[i]), B, hid[i], D[i], outs[i], false, C,
+                                goose::kStore);
+    }
     goose_rwkv7_time_mix(B, 1, H, N, 0, out_bf16, fr, w_lora, fk, fv, a_lora, value ? v_lora : nullptr,
                          value ? ffirst : nullptr, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, log_decay_scale,
                          state, out);
     std::free(buf);
 }
 
-// y [M, N] = x [M, K] W^T for a few rows M, W [N, K] row-major: each weight row is read once, from memory, and
-// used for all M rows while it is in L1 (single-token decode is bound by reading the weights). x, W and y are
+// y [M, N] = x [M, K] W^T for a few rows M, W [N, K] row-major, on the few-row product kernels (products_cpu.cpp). x, W and y are
 // each float32 or bfloat16 (the flags); sums are float32, a bfloat16 y is rounded to nearest even.
 void goose_gemv(int64_t M, int64_t N, int64_t K, const void *x, int x_bf16, const void *w, int w_bf16, void *y,
                 int y_bf16) {
-    if (M > kGemvRows) std::abort();      // the caller checks (kernels/native_decode.py)
     float *xf = static_cast<float *>(std::malloc(M * K * sizeof(float)));
     if (xf == nullptr) std::abort();
     widen(M * K, x, x_bf16 != 0, xf);
-    const int64_t row_bytes = K * (w_bf16 ? 2 : 4);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        float s[kGemvRows];
-        row_dots(K, static_cast<const char *>(w) + n * row_bytes, w_bf16 != 0, xf, K, M, s);
-        for (int64_t m = 0; m < M; ++m) {
-            if (y_bf16)
-                static_cast<uint16_t *>(y)[m * N + n] = to_bf16(s[m]);
-            else
-                static_cast<float *>(y)[m * N + n] = s[m];
-        }
-    }
+#pragma omp parallel
+    goose::product_team(goose::plain_matrix(w, w_bf16 != 0, N, K), M, xf, K, y, y_bf16 != 0, N, goose::kStore);
     std::free(xf);
 }
 

@@ -34,6 +34,11 @@ struct MatRef {
     int64_t scale_stride;      // scale (and zero) elements per row
 };
 
+// A plain row-major float32 or bfloat16 matrix [N, K].
+inline MatRef plain_matrix(const void *w, bool bf16, int64_t N, int64_t K) {
+    return MatRef{bf16 ? kWeightBF16 : kWeightF32, 0, N, K, K, w, K * (bf16 ? 2 : 4), nullptr, nullptr, 0};
+}
+
 // What happens to a sum before it is stored (the step's activations between products).
 enum Epilogue : int32_t {
     kStore = 0,        // as is

@@ -95,15 +95,6 @@ struct V {
 };
 
 #include "products_kernel.h"
-
-void rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *xsum, int64_t groups, void *y,
-          bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
-    rows_any<V>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e);
-}
-
-void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld, float *buf) {
-    dequantize_any<V>(w, n0, n1, out, out_bf16, ld, buf);
-}
 }  // namespace portable
 
 #if defined(GOOSE_X86_CLONES)
@@ -151,15 +142,6 @@ struct V {
 };
 
 #include "products_kernel.h"
-
-void rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *xsum, int64_t groups, void *y,
-          bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
-    rows_any<V>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e);
-}
-
-void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld, float *buf) {
-    dequantize_any<V>(w, n0, n1, out, out_bf16, ld, buf);
-}
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -197,15 +179,6 @@ struct V {
     }
 };
 #include "products_kernel.h"
-
-void rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *xsum, int64_t groups, void *y,
-          bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
-    rows_any<V>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e);
-}
-
-void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld, float *buf) {
-    dequantize_any<V>(w, n0, n1, out, out_bf16, ld, buf);
-}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -221,19 +194,27 @@ void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf1
 #pragma GCC target("arch=x86-64-v4,avx512vnni")
 namespace avx512vnni {
 
+// The scale that rounds n values of x to int16 (max |x| / 32767; inv: its inverse, to multiply by). NaN when x
+// holds a NaN or an inf, so that the row's sums come out NaN, as the float kernels' do.
+float int16_scale(const float *x, int64_t n, float &inv) {
+    float mx = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < n; ++k) {
+        mx = std::max(mx, std::fabs(x[k]));
+        finite = finite && std::isfinite(x[k]);
+    }
+    const float s = mx > 0.f && finite ? mx / 32767.f : 1.f;
+    inv = 1.f / s;
+    return finite ? s : NAN;
+}
+
 // x's rows as int16 in the weights' order within each 64 columns: 32 words for the low nibbles of the 32 bytes
 // (columns 0-15 and 32-47), then 32 for the high ones (16-31, 48-63); scale[m] = max |x[m]| / 32767.
 void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t chunks, int16_t *q, float *scale) {
     for (int64_t m = 0; m < M; ++m) {
         const float *xm = x + m * ldx;
-        float mx = 0.f;
-        bool finite = true;
-        for (int64_t k = 0; k < chunks * 64; ++k) {
-            mx = std::max(mx, std::fabs(xm[k]));
-            finite = finite && std::isfinite(xm[k]);
-        }
-        const float s = mx > 0.f && finite ? mx / 32767.f : 1.f, inv = 1.f / s;
-        scale[m] = finite ? s : NAN;                    // a NaN or inf in x makes the row's sums NaN, as in float
+        float inv;
+        scale[m] = int16_scale(xm, chunks * 64, inv);
         int16_t *qm = q + m * chunks * 64;
         for (int64_t c = 0; c < chunks; ++c)
             for (int i = 0; i < 64; ++i) {
@@ -449,14 +430,8 @@ void rows_int8(const MatRef &w, int64_t M, const float *x, int64_t ldx, void *y,
     if (q == nullptr || xscale == nullptr) std::abort();
     for (int64_t m = 0; m < M; ++m) {                   // x as int16 in column order, one scale a row
         const float *xm = x + m * ldx;
-        float mx = 0.f;
-        bool finite = true;
-        for (int64_t k = 0; k < Kq; ++k) {
-            mx = std::max(mx, std::fabs(xm[k]));
-            finite = finite && std::isfinite(xm[k]);
-        }
-        const float sc = mx > 0.f && finite ? mx / 32767.f : 1.f, inv = 1.f / sc;
-        xscale[m] = finite ? sc : NAN;                  // a NaN or inf in x makes the row's sums NaN, as in float
+        float inv;
+        xscale[m] = int16_scale(xm, Kq, inv);
         for (int64_t k = 0; k < Kq; ++k) q[m * Kq + k] = static_cast<int16_t>(std::lrintf(xm[k] * inv));
     }
     for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {

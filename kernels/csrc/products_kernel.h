@@ -248,3 +248,13 @@ inline void dequantize_any(const MatRef &w, int64_t n0, int64_t n1, void *out, b
     else
         dequantize_kind<V, goose::kWeightI4>(w, n0, n1, out, out_bf16, ld, buf);
 }
+
+// The entries products_cpu.cpp calls, once per ISA (V is the including namespace's vector type).
+void rows(const MatRef &w, int64_t M, const float *x, int64_t ldx, const float *xsum, int64_t groups, void *y,
+          bool y_bf16, int64_t ldy, int64_t n0, int64_t n1, goose::Epilogue e) {
+    rows_any<V>(w, M, x, ldx, xsum, groups, y, y_bf16, ldy, n0, n1, e);
+}
+
+void dequantize(const MatRef &w, int64_t n0, int64_t n1, void *out, bool out_bf16, int64_t ld, float *buf) {
+    dequantize_any<V>(w, n0, n1, out, out_bf16, ld, buf);
+}
